@@ -398,8 +398,10 @@ impl SentinelDefinition {
                 }
             }
             SentinelMethod::Basic => {
-                for (pointer, value) in [("/deviceId", &self.device_id), ("/accessKey", &self.access_key)]
-                {
+                for (pointer, value) in [
+                    ("/deviceId", &self.device_id),
+                    ("/accessKey", &self.access_key),
+                ] {
                     if value.is_some() {
                         problems.push(Problem::new(
                             pointer,
@@ -505,7 +507,15 @@ impl DownstreamDefinition {
             DownstreamType::Websocket => &["path", "format"],
             DownstreamType::Webhook => &["url", "headers", "maxRetries", "timeoutMs"],
         };
-        for field in ["path", "format", "url", "headers", "maxRetries", "timeoutMs", "batchSize"] {
+        for field in [
+            "path",
+            "format",
+            "url",
+            "headers",
+            "maxRetries",
+            "timeoutMs",
+            "batchSize",
+        ] {
             if document.get(field).is_some() && !applies.contains(&field) {
                 problems.push(Problem::new(
                     format!("/{field}"),
@@ -576,13 +586,20 @@ impl Definition {
             DefinitionKind::Sentinel => {
                 serde_json::from_value(document.clone()).map(Definition::Sentinel)
             }
-            DefinitionKind::Route => serde_json::from_value(document.clone()).map(Definition::Route),
+            DefinitionKind::Route => {
+                serde_json::from_value(document.clone()).map(Definition::Route)
+            }
             DefinitionKind::Downstream => {
                 serde_json::from_value(document.clone()).map(Definition::Downstream)
             }
         }
         // The schema and the struct describe the same fields; a mismatch is reported, not hidden.
-        .map_err(|e| vec![Problem::new("", format!("definition does not fit its type: {e}"))])?;
+        .map_err(|e| {
+            vec![Problem::new(
+                "",
+                format!("definition does not fit its type: {e}"),
+            )]
+        })?;
         let problems = match &parsed {
             Definition::Listener(d) => d.validate(password_stored),
             Definition::Sentinel(d) => d.validate(),
@@ -630,7 +647,13 @@ mod tests {
         let pointers: Vec<_> = problems.iter().map(|p| p.pointer.as_str()).collect();
         assert_eq!(
             pointers,
-            ["/userName", "/password", "/port", "/tlsCertFile", "/tlsKeyFile"]
+            [
+                "/userName",
+                "/password",
+                "/port",
+                "/tlsCertFile",
+                "/tlsKeyFile"
+            ]
         );
     }
 

@@ -67,8 +67,9 @@ impl Serialize for Payload {
         match self {
             Payload::Json(v) => v.serialize(serializer),
             Payload::Text(s) => serializer.serialize_str(s),
-            Payload::Binary(b) => serializer
-                .serialize_str(&base64::engine::general_purpose::STANDARD.encode(b)),
+            Payload::Binary(b) => {
+                serializer.serialize_str(&base64::engine::general_purpose::STANDARD.encode(b))
+            }
         }
     }
 }
@@ -114,10 +115,7 @@ impl Serialize for Envelope {
         map.serialize_entry("id", &self.id)?;
         map.serialize_entry("listenerKey", &*self.listener_key)?;
         map.serialize_entry("connectionId", &self.connection_id)?;
-        map.serialize_entry(
-            "sourceAddress",
-            &self.source_address.map(|a| a.to_string()),
-        )?;
+        map.serialize_entry("sourceAddress", &self.source_address.map(|a| a.to_string()))?;
         map.serialize_entry("receivedAt", &format_timestamp(self.received_at))?;
         map.serialize_entry("contentType", &self.content_type)?;
         map.serialize_entry("deviceId", &self.device_id.as_deref())?;
@@ -180,4 +178,14 @@ mod tests {
         let at = OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_789).unwrap();
         assert_eq!(format_timestamp(at), "2023-11-14T22:13:20.123456Z");
     }
+}
+
+/// A fresh envelope id: UUID v7 (time-ordered) with its random bits from the thread-local RNG,
+/// which avoids a getrandom system call per message.
+pub fn new_envelope_id() -> Uuid {
+    use rand::RngCore;
+    let mut random = [0u8; 10];
+    rand::thread_rng().fill_bytes(&mut random);
+    let millis = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+    uuid::Builder::from_unix_timestamp_millis(millis as u64, &random).into_uuid()
 }

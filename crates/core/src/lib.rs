@@ -12,9 +12,9 @@ pub mod envelope;
 pub mod schema;
 
 pub use definition::{
-    Definition, DefinitionKind, DownstreamDefinition, DownstreamType, ListenerDefinition, SubscriberFormat,
-    ListenerMode, Locator, LocatorSource, MessageTypeSelector, RouteDefinition,
-    SentinelDefinition, SentinelMethod,
+    Definition, DefinitionKind, DownstreamDefinition, DownstreamType, ListenerDefinition,
+    ListenerMode, Locator, LocatorSource, MessageTypeSelector, RouteDefinition, SentinelDefinition,
+    SentinelMethod, SubscriberFormat,
 };
 pub use envelope::{ConnectionMetadata, ContentType, Envelope, Payload};
 pub use schema::{Problem, SchemaRegistry};

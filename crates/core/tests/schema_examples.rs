@@ -16,15 +16,17 @@ fn schema_examples_behave_as_named() {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
             let name = path.file_name().unwrap().to_string_lossy().to_string();
-            let json: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let json: Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
             if name.starts_with("valid-") {
                 if let Err(problems) = Definition::parse(&schemas, kind, &json, false) {
                     panic!("{name} should be valid: {problems:?}");
                 }
             } else if name.starts_with("invalid-") {
-                let problems = Definition::parse(&schemas, kind, &json["document"], false)
-                    .expect_err(&name);
-                let mut pointers: Vec<String> = problems.iter().map(|p| p.pointer.clone()).collect();
+                let problems =
+                    Definition::parse(&schemas, kind, &json["document"], false).expect_err(&name);
+                let mut pointers: Vec<String> =
+                    problems.iter().map(|p| p.pointer.clone()).collect();
                 pointers.sort();
                 pointers.dedup();
                 let expected: Vec<String> =

@@ -1,0 +1,158 @@
+//! The iotgate server under test: spawned from its release binary with a fresh data directory on a
+//! loopback port the OS picks, observed through `/proc/<pid>/status`, and stopped with SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// The admin password the bench gives the fresh server through `IOTGATE_ADMIN_PASSWORD`.
+pub const ADMIN_PASSWORD: &str = "bench-password-123";
+
+/// How long the server may take to print its listening line.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a graceful SIGTERM shutdown (closing sockets, flushing queues) may take.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running server process.
+pub struct Server {
+    /// The child process; `kill_on_drop` is set so an error path never leaves it running.
+    /// Declared before `_data_dir` so the process dies before its directory is removed.
+    child: Child,
+    /// The child's pid, for `/proc/<pid>/status` and `kill -TERM`.
+    pid: u32,
+    /// The main port's address, parsed from the listening line (always loopback).
+    pub addr: SocketAddr,
+    /// The fresh data directory; removed on drop unless kept.
+    _data_dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts `bin` with a fresh data directory and waits for `iotgate listening on http://...`.
+    pub async fn start(bin: &Path, keep_data_dir: bool) -> Result<Server> {
+        if !bin.is_file() {
+            bail!(
+                "server binary {} not found: run `cargo build --release` first, or pass --server-bin",
+                bin.display()
+            );
+        }
+        let mut data_dir = tempfile::Builder::new()
+            .prefix("iotgate-bench-")
+            .tempdir()
+            .context("creating the temporary data directory")?;
+        if keep_data_dir {
+            data_dir.disable_cleanup(true);
+            eprintln!("data directory (kept): {}", data_dir.path().display());
+        }
+        let mut child = Command::new(bin)
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .arg("--bind")
+            .arg("127.0.0.1:0")
+            .env("IOTGATE_ADMIN_PASSWORD", ADMIN_PASSWORD)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let pid = child.id().context("the server exited at once")?;
+        let stdout = child
+            .stdout
+            .take()
+            .context("the server's stdout is not piped")?;
+        let mut lines = BufReader::new(stdout).lines();
+
+        let addr = tokio::time::timeout(STARTUP_TIMEOUT, async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(rest) = line.trim().strip_prefix("iotgate listening on http://") {
+                    let addr: SocketAddr = rest
+                        .trim_end_matches('/')
+                        .parse()
+                        .with_context(|| format!("unexpected listening line {line:?}"))?;
+                    return Ok(addr);
+                }
+            }
+            bail!("the server closed its stdout before printing its listening line")
+        })
+        .await
+        .context("the server did not print its listening line within 60 s")??;
+        if !addr.ip().is_loopback() {
+            bail!("the server listens on {addr}, not on a loopback address");
+        }
+        // Keep draining stdout so the server can never block on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+        Ok(Server {
+            child,
+            pid,
+            addr,
+            _data_dir: data_dir,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn http_base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `ws://127.0.0.1:PORT`.
+    pub fn ws_base(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    /// The server's resident set size in bytes (VmRSS).
+    pub fn rss_bytes(&self) -> Result<u64> {
+        vm_rss_bytes(&PathBuf::from(format!("/proc/{}/status", self.pid)))
+    }
+
+    /// Sends SIGTERM, waits for a graceful exit (at most 30 s, then SIGKILL) and returns the status.
+    pub async fn stop(mut self) -> Result<ExitStatus> {
+        let sent = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid.to_string())
+            .status()
+            .context("running `kill -TERM`")?;
+        if !sent.success() {
+            eprintln!("warning: `kill -TERM {}` failed: {sent}", self.pid);
+        }
+        let status = match tokio::time::timeout(SHUTDOWN_TIMEOUT, self.child.wait()).await {
+            Ok(status) => status?,
+            Err(_) => {
+                eprintln!("warning: the server did not exit within 30 s of SIGTERM; killing it");
+                self.child.kill().await?;
+                self.child.wait().await?
+            }
+        };
+        Ok(status)
+    }
+}
+
+/// This process's own resident set size in bytes.
+pub fn own_rss_bytes() -> Result<u64> {
+    vm_rss_bytes(Path::new("/proc/self/status"))
+}
+
+/// Reads the `VmRSS:   1234 kB` line of a `/proc/.../status` file.
+fn vm_rss_bytes(status_file: &Path) -> Result<u64> {
+    let text = std::fs::read_to_string(status_file)
+        .with_context(|| format!("reading {}", status_file.display()))?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .with_context(|| format!("no VmRSS line in {}", status_file.display()))?;
+    let kib: u64 = line
+        .trim_start_matches("VmRSS:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .with_context(|| format!("unexpected VmRSS line {line:?}"))?;
+    Ok(kib * 1024)
+}

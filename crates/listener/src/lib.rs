@@ -1,0 +1,20 @@
+//! WebSocket listener modules.
+//!
+//! - [`server`]: devices connect to iotgate, on the main port at the listener's path or on an own
+//!   port (optionally TLS). The upgrade is checked in a fixed order (path, origin, Basic
+//!   credentials, sub-protocol) and each connection runs as one task that reads, decodes and hands
+//!   messages to the pipeline, with heartbeats and size limits.
+//! - [`client`]: iotgate connects out to a remote WebSocket server and reconnects with
+//!   exponential backoff and jitter; received messages enter the pipeline like server messages.
+//! - [`subscriber`]: admin-token WebSocket subscribers of a websocket downstream module.
+
+pub mod basic_auth;
+pub mod client;
+pub mod server;
+pub mod status;
+pub mod subscriber;
+
+pub use basic_auth::BasicCredentialVerifier;
+pub use client::ClientListener;
+pub use server::ServerListener;
+pub use status::{ListenerState, ListenerStatus, ListenerStatusView};
