@@ -699,12 +699,31 @@ impl Supervisor {
         }
     }
 
+    /// Device connections still open, over all listeners.
+    fn open_connections(&self) -> i64 {
+        self.statuses
+            .read()
+            .expect("statuses lock")
+            .values()
+            .map(|s| s.view().connections)
+            .sum()
+    }
+
     /// Stops every listener, then lets every downstream module drain: nothing accepted is lost.
     pub async fn shutdown(&self) {
         let mut state = self.state.lock().await;
         let listeners: Vec<RunningListener> = state.listeners.drain().map(|(_, l)| l).collect();
+        for listener in &listeners {
+            listener.token().cancel();
+        }
         for listener in listeners {
             self.stop_listener(listener).await;
+        }
+        // A connection finishes the message it is handling before it closes; only then may the
+        // pipeline be taken down, or that message would find no sentinel or downstream.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.open_connections() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // Drop every sender: the empty topology, and the supervisor's own handles.
         self.parts.pipeline.replace_topology(Topology::default());

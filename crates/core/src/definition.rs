@@ -86,7 +86,7 @@ fn default_timeout_ms() -> u64 {
     5000
 }
 fn default_batch_size() -> usize {
-    500
+    512
 }
 fn default_queue_capacity() -> usize {
     10_000
@@ -575,40 +575,58 @@ impl Definition {
         document: &Value,
         password_stored: bool,
     ) -> Result<Definition, Vec<Problem>> {
-        let problems = schemas.definition_problems(kind, document);
-        if !problems.is_empty() {
-            return Err(problems);
+        let mut problems = schemas.definition_problems(kind, document);
+        // Cross-field rules run even when the schema found problems, so one answer lists
+        // everything: fields the schema rejected are left out of this second look, and if the
+        // rest still does not form a definition (a required field is missing), the schema's
+        // report is the whole answer.
+        let mut lenient = document.clone();
+        if let Some(object) = lenient.as_object_mut() {
+            for problem in &problems {
+                if let Some(field) = problem.pointer.strip_prefix('/') {
+                    let top = field.split('/').next().unwrap_or_default();
+                    object.remove(top);
+                    // Identity fields every kind requires: a stand-in keeps the rest checkable.
+                    if top == "key" || top == "name" {
+                        object.insert(top.to_owned(), Value::String("stand-in".to_owned()));
+                    }
+                }
+            }
         }
         let parsed = match kind {
-            DefinitionKind::Listener => {
-                serde_json::from_value(document.clone()).map(Definition::Listener)
-            }
-            DefinitionKind::Sentinel => {
-                serde_json::from_value(document.clone()).map(Definition::Sentinel)
-            }
-            DefinitionKind::Route => {
-                serde_json::from_value(document.clone()).map(Definition::Route)
-            }
+            DefinitionKind::Listener => serde_json::from_value(lenient).map(Definition::Listener),
+            DefinitionKind::Sentinel => serde_json::from_value(lenient).map(Definition::Sentinel),
+            DefinitionKind::Route => serde_json::from_value(lenient).map(Definition::Route),
             DefinitionKind::Downstream => {
-                serde_json::from_value(document.clone()).map(Definition::Downstream)
+                serde_json::from_value(lenient).map(Definition::Downstream)
             }
-        }
-        // The schema and the struct describe the same fields; a mismatch is reported, not hidden.
-        .map_err(|e| {
-            vec![Problem::new(
-                "",
-                format!("definition does not fit its type: {e}"),
-            )]
-        })?;
-        let problems = match &parsed {
+        };
+        let parsed = match parsed {
+            Ok(parsed) => parsed,
+            Err(_) if !problems.is_empty() => return Err(problems),
+            // The schema and the struct describe the same fields; a mismatch is reported.
+            Err(e) => {
+                return Err(vec![Problem::new(
+                    "",
+                    format!("definition does not fit its type: {e}"),
+                )])
+            }
+        };
+        let cross = match &parsed {
             Definition::Listener(d) => d.validate(password_stored),
             Definition::Sentinel(d) => d.validate(),
             Definition::Route(_) => Vec::new(),
             Definition::Downstream(d) => d.validate(document),
         };
+        for problem in cross {
+            if !problems.iter().any(|p| p.pointer == problem.pointer) {
+                problems.push(problem);
+            }
+        }
         if problems.is_empty() {
             Ok(parsed)
         } else {
+            problems.sort_by(|a, b| a.pointer.cmp(&b.pointer));
             Err(problems)
         }
     }
@@ -648,13 +666,23 @@ mod tests {
         assert_eq!(
             pointers,
             [
-                "/userName",
                 "/password",
                 "/port",
                 "/tlsCertFile",
-                "/tlsKeyFile"
+                "/tlsKeyFile",
+                "/userName"
             ]
         );
+    }
+
+    #[test]
+    fn schema_and_cross_field_problems_come_together() {
+        let schemas = SchemaRegistry::new();
+        let doc = listener(json!({"key": "Bad_Key", "port": 70000, "anonymous": false}));
+        let problems =
+            Definition::parse(&schemas, DefinitionKind::Listener, &doc, false).unwrap_err();
+        let pointers: Vec<_> = problems.iter().map(|p| p.pointer.as_str()).collect();
+        assert_eq!(pointers, ["/key", "/password", "/port", "/userName"]);
     }
 
     #[test]

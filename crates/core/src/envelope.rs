@@ -154,6 +154,16 @@ pub fn remove_at_pointer(value: &mut Value, pointer: &str) -> bool {
     }
 }
 
+/// A fresh envelope id: UUID v7 (time-ordered) with its random bits from the thread-local RNG,
+/// which avoids a getrandom system call per message.
+pub fn new_envelope_id() -> Uuid {
+    use rand::RngCore;
+    let mut random = [0u8; 10];
+    rand::thread_rng().fill_bytes(&mut random);
+    let millis = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+    uuid::Builder::from_unix_timestamp_millis(millis as u64, &random).into_uuid()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,14 +188,4 @@ mod tests {
         let at = OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_789).unwrap();
         assert_eq!(format_timestamp(at), "2023-11-14T22:13:20.123456Z");
     }
-}
-
-/// A fresh envelope id: UUID v7 (time-ordered) with its random bits from the thread-local RNG,
-/// which avoids a getrandom system call per message.
-pub fn new_envelope_id() -> Uuid {
-    use rand::RngCore;
-    let mut random = [0u8; 10];
-    rand::thread_rng().fill_bytes(&mut random);
-    let millis = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
-    uuid::Builder::from_unix_timestamp_millis(millis as u64, &random).into_uuid()
 }

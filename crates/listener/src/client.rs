@@ -20,6 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::server::{Connection, CONNECTION_IDS};
 use crate::status::{ListenerState, ListenerStatus};
@@ -88,6 +89,11 @@ impl ClientListener {
 
     /// Connects, serves, and reconnects until the listener is stopped.
     pub async fn run(self: Arc<Self>) {
+        let span = tracing::info_span!("client_listener", listener = %self.definition.key);
+        self.run_inner().instrument(span).await
+    }
+
+    async fn run_inner(self: Arc<Self>) {
         let url = self.url();
         self.status.set_url(url.clone());
         let mut attempt: u32 = 0;
@@ -181,8 +187,10 @@ impl ClientListener {
             Ok(Ok(parts)) => parts,
         };
         *attempt = 0;
+        let counters = &self.context.counters;
+        counters.connections.inc();
         self.status.set(ListenerState::Running, None);
-        tracing::info!(listener = %self.definition.key, url = %url, "client listener connected");
+        tracing::info!(url = %url, "client listener connected");
 
         let mut metadata = ConnectionMetadata::default();
         metadata.0.insert("mode".into(), "client".into());
@@ -194,8 +202,6 @@ impl ClientListener {
             peer: None,
             metadata: Arc::new(metadata),
         };
-        let counters = &self.context.counters;
-        counters.connections.inc();
         let end = self.serve(socket, &connection).await;
         counters.connections.dec();
         end

@@ -14,6 +14,7 @@ use iotgate_pipeline::{
     ConnectionAuth, ConnectionCredentials, IngestError, ListenerContext, Pipeline, Rejection,
 };
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::basic_auth::BasicCredentialVerifier;
 use crate::status::{ListenerState, ListenerStatus};
@@ -186,9 +187,17 @@ impl ServerListener {
             .max_frame_size(self.definition.max_message_bytes)
             .aggregate_continuations()
             .max_continuation_size(self.definition.max_message_bytes);
+        let span = tracing::info_span!(
+            "connection",
+            listener = %self.definition.key,
+            connection = connection.id,
+            peer = ?connection.peer,
+            device = tracing::field::Empty,
+        );
         actix_web::rt::spawn(
             self.clone()
-                .run_connection(connection, session, stream, auth),
+                .run_connection(connection, session, stream, auth)
+                .instrument(span),
         );
         response
     }
@@ -200,15 +209,15 @@ impl ServerListener {
         mut stream: actix_ws::AggregatedMessageStream,
         auth: Result<ConnectionAuth, Rejection>,
     ) {
-        let span = tracing::debug_span!("connection", listener = %self.definition.key, connection = connection.id, peer = ?connection.peer);
-        let _entered = span.enter();
-        drop(_entered);
         let counters = &self.context.counters;
         counters.connections.inc();
         let mut auth = match auth {
             Ok(auth) => auth,
             Err(rejection) => {
-                tracing::info!(parent: &span, code = rejection.code.as_str(), "device credentials refused at connect");
+                tracing::info!(
+                    code = rejection.code.as_str(),
+                    "device credentials refused at connect"
+                );
                 self.send_error(&mut session, &rejection).await;
                 let _ = session
                     .close(Some(CloseReason {
@@ -221,7 +230,8 @@ impl ServerListener {
             }
         };
         if let Some(binding) = &auth.binding {
-            tracing::debug!(parent: &span, device = %binding.device_id, "connection bound to device");
+            tracing::Span::current().record("device", tracing::field::display(&binding.device_id));
+            tracing::debug!(device = %binding.device_id, "connection bound to device");
         }
 
         let heartbeat = Duration::from_secs(u64::from(self.definition.heartbeat_seconds));
@@ -241,7 +251,7 @@ impl ServerListener {
                 }
                 _ = ticker.tick(), if !heartbeat.is_zero() => {
                     if last_seen.elapsed() > heartbeat * 2 {
-                        tracing::debug!(parent: &span, "peer stopped answering pings");
+                        tracing::debug!("peer stopped answering pings");
                         break Some(CloseReason { code: CloseCode::Away, description: Some("heartbeat timeout".into()) });
                     }
                     if session.ping(b"").await.is_err() {
@@ -259,24 +269,26 @@ impl ServerListener {
                         }
                         Some(Ok(AggregatedMessage::Pong(_))) => continue,
                         Some(Ok(AggregatedMessage::Close(reason))) => {
-                            tracing::debug!(parent: &span, ?reason, "peer closed");
+                            tracing::debug!(?reason, "peer closed");
                             break Some(CloseReason { code: CloseCode::Normal, description: None });
                         }
                         Some(Err(ProtocolError::Overflow)) => {
                             break Some(CloseReason { code: CloseCode::Size, description: Some(format!("message exceeds maxMessageBytes ({})", self.definition.max_message_bytes)) });
                         }
                         Some(Err(error)) => {
-                            tracing::debug!(parent: &span, error = %error, "protocol error");
+                            tracing::debug!(error = %error, "protocol error");
                             break Some(CloseReason { code: CloseCode::Protocol, description: Some(error.to_string()) });
                         }
                         None => break None,
                     };
-                    match self.handle_message(&connection, &mut auth, bytes).await {
+                    // Boxed: the per-message state machine (envelope, routing) then lives on the
+                    // heap only while a message is in flight, which keeps idle connections small.
+                    match Box::pin(self.handle_message(&connection, &mut auth, bytes)).await {
                         Ok(()) => {}
                         Err(IngestError::Rejected { rejection, close }) => {
                             self.send_error(&mut session, &rejection).await;
                             if close {
-                                tracing::info!(parent: &span, code = rejection.code.as_str(), "closing connection after repeated failures");
+                                tracing::info!(code = rejection.code.as_str(), "closing connection after repeated failures");
                                 break Some(CloseReason { code: CloseCode::Policy, description: Some(format!("too many rejected messages ({})", rejection.code.as_str())) });
                             }
                         }

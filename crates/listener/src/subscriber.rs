@@ -33,6 +33,10 @@ pub fn serve_subscriber(
         }
     };
     let mut frames = hub.subscribe();
+    // Only the receiver and the counters go into the task: holding the hub would keep its
+    // sender alive, and a replaced downstream could then never tell subscribers to reconnect.
+    let dropped = hub.counters.subscriber_dropped.clone();
+    drop(hub);
     let mut stream = stream.max_frame_size(4096).aggregate_continuations();
     actix_web::rt::spawn(async move {
         let close = loop {
@@ -50,7 +54,7 @@ pub fn serve_subscriber(
                             break None;
                         }
                     }
-                    Err(RecvError::Lagged(missed)) => { hub.counters.subscriber_dropped.inc_by(missed); }
+                    Err(RecvError::Lagged(missed)) => { dropped.inc_by(missed); }
                     Err(RecvError::Closed) => break Some(CloseReason { code: CloseCode::Restart, description: Some("downstream reconfigured; reconnect".into()) }),
                 },
                 message = stream.recv() => match message {

@@ -16,7 +16,7 @@ use crate::metrics::Metrics;
 /// What travels to the writer: rows, or a marker answered once every earlier row is written.
 #[derive(Debug)]
 enum Item {
-    Row(DeadLetterRow),
+    Row(Box<DeadLetterRow>),
     Flush(tokio::sync::oneshot::Sender<()>),
 }
 
@@ -43,24 +43,45 @@ impl DeadLetters {
     /// Records an envelope that went no further. The payload is stored as the pipeline holds it,
     /// i.e. with body credentials already removed by the sentinel.
     pub async fn record(&self, envelope: &Envelope, module: &str, reason: &str, message: &str) {
+        self.record_with(envelope, None, true, module, reason, message)
+            .await;
+    }
+
+    /// Like [`DeadLetters::record`], with the device id a rejected message claimed, and without
+    /// the payload when it could not be decoded (raw bytes may hold a credential).
+    pub async fn record_with(
+        &self,
+        envelope: &Envelope,
+        claimed_device_id: Option<&str>,
+        keep_payload: bool,
+        module: &str,
+        reason: &str,
+        message: &str,
+    ) {
         let row = DeadLetterRow {
             // Its own id: one envelope can fail in several downstream modules.
             id: uuid::Uuid::now_v7().to_string(),
             listener_key: Some(envelope.listener_key.to_string()),
-            device_id: envelope.device_id.as_deref().map(str::to_owned),
+            device_id: envelope
+                .device_id
+                .as_deref()
+                .or(claimed_device_id)
+                .map(str::to_owned),
             module: module.to_owned(),
             reason: reason.to_owned(),
             message: message.to_owned(),
             received_at: format_timestamp(envelope.received_at),
             content_type: Some(envelope.content_type.as_str().to_owned()),
-            payload: serde_json::to_string(&envelope.payload).ok(),
+            payload: keep_payload
+                .then(|| serde_json::to_string(&envelope.payload).ok())
+                .flatten(),
         };
         self.record_row(row).await;
     }
 
     pub async fn record_row(&self, row: DeadLetterRow) {
         self.metrics.dead_lettered(&row.reason).inc();
-        if self.sender.send(Item::Row(row)).await.is_err() {
+        if self.sender.send(Item::Row(Box::new(row))).await.is_err() {
             tracing::error!("dead letter writer has stopped; a dead letter was not stored");
         }
     }
@@ -81,7 +102,7 @@ async fn write_dead_letters(store: Store, mut receiver: mpsc::Receiver<Item>) {
     while receiver.recv_many(&mut items, 256).await > 0 {
         for item in items.drain(..) {
             match item {
-                Item::Row(row) => rows.push(row),
+                Item::Row(row) => rows.push(*row),
                 Item::Flush(done) => flushes.push(done),
             }
         }

@@ -22,6 +22,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use rand::Rng;
 use tokio::sync::{broadcast, mpsc, Semaphore};
 use tokio::task::JoinSet;
+use tracing::Instrument as _;
 
 use crate::deadletter::DeadLetters;
 use crate::metrics::{DownstreamCounters, Metrics};
@@ -46,7 +47,7 @@ pub struct SubscriberHub {
 }
 
 /// Frames a subscriber may fall behind before it misses the oldest.
-const SUBSCRIBER_BUFFER: usize = 4096;
+const SUBSCRIBER_BUFFER: usize = 16_384;
 
 impl SubscriberHub {
     fn new(definition: &DownstreamDefinition, metrics: &Metrics) -> Self {
@@ -132,14 +133,17 @@ impl Downstream {
             ),
             DownstreamType::Store => {
                 let (sender, receiver) = mpsc::channel(definition.queue_capacity);
-                let task = context.runtime.spawn(run_store(
-                    key.clone(),
-                    context.store.clone(),
-                    receiver,
-                    definition.batch_size,
-                    counters.clone(),
-                    context.metrics.latency.clone(),
-                ));
+                let task = context.runtime.spawn(
+                    run_store(
+                        key.clone(),
+                        context.store.clone(),
+                        receiver,
+                        definition.batch_size,
+                        counters.clone(),
+                        context.metrics.latency.clone(),
+                    )
+                    .instrument(tracing::info_span!("downstream", key = %key, kind = "store")),
+                );
                 (
                     Downstream::Queue {
                         key,
@@ -151,12 +155,15 @@ impl Downstream {
             }
             DownstreamType::Webhook => {
                 let (sender, receiver) = mpsc::channel(definition.queue_capacity);
-                let task = context.runtime.spawn(run_webhook(
-                    definition.clone(),
-                    context.clone(),
-                    receiver,
-                    counters.clone(),
-                ));
+                let task = context.runtime.spawn(
+                    run_webhook(
+                        definition.clone(),
+                        context.clone(),
+                        receiver,
+                        counters.clone(),
+                    )
+                    .instrument(tracing::info_span!("downstream", key = %key, kind = "webhook")),
+                );
                 (
                     Downstream::Queue {
                         key,
@@ -227,6 +234,16 @@ async fn run_store(
     let mut batch = Vec::with_capacity(batch_size);
     let mut rows = Vec::with_capacity(batch_size);
     while receiver.recv_many(&mut batch, batch_size).await > 0 {
+        // Under load, linger a moment for a fuller batch: fewer, larger transactions.
+        let linger_until = tokio::time::Instant::now() + STORE_LINGER;
+        while batch.len() < batch_size {
+            let room = batch_size - batch.len();
+            match tokio::time::timeout_at(linger_until, receiver.recv_many(&mut batch, room)).await
+            {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
         rows.extend(batch.iter().map(|e| telemetry_row(e, &key)));
         let mut backoff = Duration::from_millis(50);
         while let Err(error) = store.insert_telemetry(&rows).await {
@@ -245,6 +262,9 @@ async fn run_store(
     }
     tracing::debug!(downstream = %key, "store downstream drained and stopped");
 }
+
+/// How long a partial store batch waits for more envelopes.
+const STORE_LINGER: Duration = Duration::from_millis(5);
 
 /// Webhook requests in flight per module.
 const WEBHOOK_CONCURRENCY: usize = 16;

@@ -260,9 +260,13 @@ impl Pipeline {
         max_failures: u32,
     ) -> IngestError {
         listener.counters.rejected.inc();
+        // Undecodable bytes are not kept: they may hold a credential the sentinel never saw.
+        let decoded = rejection.code != RejectionCode::MalformedJson;
         self.dead_letters
-            .record(
+            .record_with(
                 envelope,
+                rejection.claimed_device_id.as_deref(),
+                decoded,
                 module,
                 rejection.code.as_str(),
                 &rejection.message,

@@ -41,6 +41,9 @@ impl RejectionCode {
 pub struct Rejection {
     pub code: RejectionCode,
     pub message: String,
+    /// The device id the message claimed, when known: shown with the dead letter so an
+    /// operator can tell which device misbehaves (an id is not a secret).
+    pub claimed_device_id: Option<String>,
 }
 
 impl Rejection {
@@ -48,7 +51,13 @@ impl Rejection {
         Self {
             code,
             message: message.into(),
+            claimed_device_id: None,
         }
+    }
+
+    pub fn claimed_by(mut self, device_id: &str) -> Self {
+        self.claimed_device_id = Some(device_id.to_owned());
+        self
     }
 
     /// The error frame sent to the device: `{"error":{"code":"...","message":"..."}}`.

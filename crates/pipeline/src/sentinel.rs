@@ -179,7 +179,7 @@ impl Sentinel {
         };
         let (device, digest) = registry
             .authenticate(device_id, secret)
-            .map_err(|r| self.rejected(r))?;
+            .map_err(|r| self.rejected(r.claimed_by(device_id)))?;
         Ok((
             Some(DeviceBinding {
                 device_id: device.device_id.clone(),
@@ -219,19 +219,22 @@ impl Sentinel {
                 return Err(Rejection::new(
                     RejectionCode::UnknownDevice,
                     "the device bound to this connection no longer exists",
-                ));
+                )
+                .claimed_by(&binding.device_id));
             };
             if !device.enabled {
                 return Err(Rejection::new(
                     RejectionCode::DeviceDisabled,
                     "the device is disabled",
-                ));
+                )
+                .claimed_by(&binding.device_id));
             }
             if !device.holds_digest(&binding.key_digest) {
                 return Err(Rejection::new(
                     RejectionCode::InvalidKey,
                     "the access key of this connection was replaced",
-                ));
+                )
+                .claimed_by(&binding.device_id));
             }
             return Ok(device);
         }
@@ -299,17 +302,11 @@ impl Sentinel {
         registry
             .authenticate(&device_id, &secret)
             .map(|(device, _)| device)
+            .map_err(|rejection| rejection.claimed_by(&device_id))
     }
 
     fn rejected(&self, rejection: Rejection) -> Rejection {
         self.metrics.rejected(&self.key, rejection.code).inc();
         rejection
-    }
-
-    /// JSON pointer of the body credential, if any, so callers can strip it elsewhere too.
-    pub fn body_secret_pointer(&self) -> Option<&str> {
-        (self.secret_locator.from == LocatorSource::Body)
-            .then(|| self.secret_locator.pointer.as_deref())
-            .flatten()
     }
 }

@@ -366,15 +366,20 @@ impl Store {
 
     // ----- telemetry -----
 
-    /// Inserts a batch of telemetry rows in one transaction with multi-row statements.
+    /// Inserts a batch of telemetry rows in one transaction, in multi-row statements whose row
+    /// counts are powers of two (at most 512). Each statement costs a round trip to SQLite's
+    /// worker thread, so statements must be few; and with only ten distinct SQL texts, every one
+    /// stays prepared (a text per batch size would be prepared again and again).
     pub async fn insert_telemetry(&self, rows: &[TelemetryRow]) -> Result<(), StoreError> {
-        // SQLite allows 32766 bound parameters; 11 per row.
-        const ROWS_PER_STATEMENT: usize = 500;
+        // 11 parameters per row; 512 rows stay far below SQLite's 32766 parameter limit.
+        const MAX_ROWS_PER_STATEMENT: usize = 512;
         let mut tx = self.pool.begin().await?;
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let mut builder = QueryBuilder::new(
-                "INSERT INTO telemetry (id, listener_key, device_id, device_type, connection_id, source_address, received_at, content_type, payload, metadata, downstream_key) ",
-            );
+        let mut rest = rows;
+        while !rest.is_empty() {
+            let take = largest_power_of_two_at_most(rest.len().min(MAX_ROWS_PER_STATEMENT));
+            let (chunk, remainder) = rest.split_at(take);
+            rest = remainder;
+            let mut builder = QueryBuilder::new(TELEMETRY_INSERT);
             builder.push_values(chunk, |mut b, row| {
                 b.push_bind(&row.id)
                     .push_bind(&row.listener_key)
@@ -388,7 +393,7 @@ impl Store {
                     .push_bind(&row.metadata)
                     .push_bind(&row.downstream_key);
             });
-            // A retried batch after a crash must not fail on rows that already landed.
+            // A batch retried after a failure must not fail on rows that already landed.
             builder.push(" ON CONFLICT (id) DO NOTHING");
             builder.build().execute(&mut *tx).await?;
         }
@@ -461,6 +466,13 @@ impl Store {
         .await?;
         rows.iter().map(DeadLetterRow::from_row).collect()
     }
+}
+
+const TELEMETRY_INSERT: &str = "INSERT INTO telemetry (id, listener_key, device_id, device_type, connection_id, source_address, received_at, content_type, payload, metadata, downstream_key) ";
+
+fn largest_power_of_two_at_most(n: usize) -> usize {
+    debug_assert!(n > 0);
+    1 << (usize::BITS - 1 - n.leading_zeros())
 }
 
 const DEVICE_SELECT: &str = "SELECT device_id, name, device_type, enabled, properties, primary_key_digest, secondary_key_digest, created_at, last_contact, message_count FROM devices";
