@@ -265,15 +265,57 @@ pub fn presented_token(request: &HttpRequest, allow_query: bool) -> Option<Strin
 }
 
 /// The token of a request, extracted without verifying (verification is async; handlers call
-/// [`crate::api::require_admin`]).
+/// [`crate::api::require_admin`]), with the cross-site check of cookie-authenticated writes.
 #[derive(Debug, Clone)]
-pub struct PresentedToken(pub Option<String>);
+pub struct PresentedToken {
+    pub token: Option<String>,
+    /// False for a state-changing request that rides on the session cookie but does not come
+    /// from our own origin: a browser sent it on another site's behalf (CSRF).
+    pub same_origin: bool,
+}
+
+/// True when the request comes from the UI's own origin. Browsers send `Sec-Fetch-Site`; older
+/// ones at least send `Origin` with cross-site writes, which must then name our host.
+fn from_own_origin(request: &HttpRequest) -> bool {
+    let headers = request.headers();
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        return site == "same-origin" || site == "none";
+    }
+    match headers
+        .get(actix_web::http::header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+    {
+        None => true,
+        Some(origin) => {
+            let host = headers
+                .get(actix_web::http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            origin
+                .split_once("://")
+                .is_some_and(|(_, rest)| rest.trim_end_matches('/') == host)
+        }
+    }
+}
 
 impl FromRequest for PresentedToken {
     type Error = actix_web::Error;
     type Future = Ready<Result<Self, Self::Error>>;
 
     fn from_request(request: &HttpRequest, _: &mut Payload) -> Self::Future {
-        ready(Ok(PresentedToken(presented_token(request, false))))
+        let bearer = request
+            .headers()
+            .get(actix_web::http::header::AUTHORIZATION)
+            .is_some();
+        let token = presented_token(request, false);
+        let unsafe_method = !matches!(
+            *request.method(),
+            actix_web::http::Method::GET
+                | actix_web::http::Method::HEAD
+                | actix_web::http::Method::OPTIONS
+        );
+        // Bearer tokens are never sent by a browser on its own, so only cookie writes need it.
+        let same_origin = bearer || !unsafe_method || from_own_origin(request);
+        ready(Ok(PresentedToken { token, same_origin }))
     }
 }

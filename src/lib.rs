@@ -9,3 +9,4 @@ pub mod error;
 pub mod sealing;
 pub mod startup;
 pub mod supervisor;
+pub mod ui;

@@ -136,6 +136,7 @@ impl Application {
                 .app_data(web::PathConfig::default().error_handler(api::path_error))
                 .app_data(web::PayloadConfig::new(1024 * 1024))
                 .configure(api::configure)
+                .configure(crate::ui::configure)
                 .default_service(web::to(dispatch))
         })
         .disable_signals()

@@ -223,6 +223,19 @@ impl Supervisor {
             .map(|s| s.view())
     }
 
+    /// Every listener's status, ordered by key.
+    pub fn listener_statuses(&self) -> Vec<ListenerStatusView> {
+        let mut views: Vec<_> = self
+            .statuses
+            .read()
+            .expect("statuses lock")
+            .values()
+            .map(|s| s.view())
+            .collect();
+        views.sort_by(|a, b| a.key.cmp(&b.key));
+        views
+    }
+
     pub async fn create(&self, kind: DefinitionKind, document: Value) -> Result<Value, ApiError> {
         let mut state = self.state.lock().await;
         let key = document

@@ -60,7 +60,7 @@ async fn logout(
     token: PresentedToken,
 ) -> Result<HttpResponse, ApiError> {
     require_admin(&state, &token).await?;
-    if let Some(token) = &token.0 {
+    if let Some(token) = &token.token {
         state.auth.logout(token).await?;
     }
     let mut removal = Cookie::build(SESSION_COOKIE, "").path("/").finish();

@@ -26,7 +26,9 @@ pub fn configure(config: &mut web::ServiceConfig) {
                     .route(web::delete().to(delete)),
             );
     }
-    config.route("/listeners/{key}/status", web::get().to(listener_status));
+    config
+        .route("/listeners/{key}/status", web::get().to(listener_status))
+        .route("/status/listeners", web::get().to(all_listener_statuses));
 }
 
 async fn list(
@@ -106,4 +108,12 @@ async fn listener_status(
         .listener_status(&key)
         .ok_or_else(|| ApiError::NotFound(format!("listener {key} has no status yet")))?;
     Ok(HttpResponse::Ok().json(status))
+}
+
+async fn all_listener_statuses(
+    state: web::Data<AppState>,
+    token: PresentedToken,
+) -> Result<HttpResponse, ApiError> {
+    require_admin(&state, &token).await?;
+    Ok(HttpResponse::Ok().json(state.supervisor.listener_statuses()))
 }

@@ -26,16 +26,23 @@ pub struct AppState {
     pub shutdown: tokio_util::sync::CancellationToken,
 }
 
-/// The signed-in admin, or 401.
+/// The signed-in admin, or 401 (403 for a cookie-borne write from another site).
 pub async fn require_admin(state: &AppState, token: &PresentedToken) -> Result<String, ApiError> {
-    match &token.0 {
+    let user = match &token.token {
         Some(token) => state
             .auth
             .authenticate(token)
             .await
-            .ok_or(ApiError::Unauthorized),
-        None => Err(ApiError::Unauthorized),
+            .ok_or(ApiError::Unauthorized)?,
+        None => return Err(ApiError::Unauthorized),
+    };
+    if !token.same_origin {
+        return Err(ApiError::Forbidden(
+            "a cross-site request cannot change anything; use the admin UI or a bearer token"
+                .into(),
+        ));
     }
+    Ok(user)
 }
 
 pub fn configure(config: &mut web::ServiceConfig) {
