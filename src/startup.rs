@@ -10,6 +10,7 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use iotgate_core::credentials::KeyHasher;
 use iotgate_core::SchemaRegistry;
 use iotgate_listener::subscriber::{serve_subscriber, SubscriberFilter};
+use iotgate_listener::{ConnectionLimitSettings, ConnectionLimits};
 use iotgate_pipeline::downstream::DownstreamContext;
 use iotgate_pipeline::{DeadLetters, DeviceRegistry, Metrics, Pipeline};
 use iotgate_store::{ServerSecret, Store};
@@ -98,6 +99,7 @@ impl Application {
             std::thread::available_parallelism().map_or(2, |n| n.get()),
         ));
         let shutdown = CancellationToken::new();
+        let handshake_timeout = Duration::from_millis(config.handshake_timeout_ms.max(100));
         let schemas = Arc::new(SchemaRegistry::new());
         let supervisor = Arc::new(Supervisor::new(SupervisorParts {
             store: store.clone(),
@@ -114,6 +116,12 @@ impl Application {
             },
             hashing: hashing.clone(),
             client_tls,
+            limits: ConnectionLimits::new(ConnectionLimitSettings {
+                max_connections: config.max_connections,
+                max_connections_per_ip: config.max_connections_per_ip,
+                connect_rate_per_ip: config.connect_rate_per_ip,
+            }),
+            handshake_timeout,
             shutdown: shutdown.clone(),
         }));
 
@@ -143,7 +151,7 @@ impl Application {
         .shutdown_timeout(5)
         .backlog(4096)
         .max_connections(100_000)
-        .client_request_timeout(Duration::from_secs(10))
+        .client_request_timeout(handshake_timeout)
         .bind(config.bind)
         .map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", config.bind))?;
         let address = *server.addrs().first().expect("bound to one address");

@@ -20,8 +20,8 @@ use arc_swap::ArcSwap;
 use iotgate_core::definition::{DefinitionKind, DownstreamType, ListenerMode};
 use iotgate_core::{Definition, Problem, SchemaRegistry};
 use iotgate_listener::{
-    BasicCredentialVerifier, ClientListener, ListenerState, ListenerStatus, ListenerStatusView,
-    ServerListener,
+    BasicCredentialVerifier, ClientListener, ConnectionLimits, ListenerState, ListenerStatus,
+    ListenerStatusView, ServerListener,
 };
 use iotgate_pipeline::downstream::DownstreamContext;
 use iotgate_pipeline::{Downstream, ListenerContext, Pipeline, Router, Sentinel, Topology};
@@ -89,6 +89,9 @@ pub struct SupervisorParts {
     pub downstream_context: DownstreamContext,
     pub hashing: Arc<Semaphore>,
     pub client_tls: Arc<rustls::ClientConfig>,
+    pub limits: Arc<ConnectionLimits>,
+    /// Time a client has to send its upgrade request (and finish TLS) on own-port listeners.
+    pub handshake_timeout: Duration,
     pub shutdown: CancellationToken,
 }
 
@@ -586,6 +589,7 @@ impl Supervisor {
                     status.clone(),
                     basic,
                     self.parts.pipeline.clone(),
+                    self.parts.limits.clone(),
                     token,
                 ));
                 if definition.port.is_none() {
@@ -664,7 +668,8 @@ impl Supervisor {
         .disable_signals()
         .shutdown_timeout(2)
         .backlog(4096)
-        .client_request_timeout(Duration::from_secs(10));
+        .client_request_timeout(self.parts.handshake_timeout)
+        .tls_handshake_timeout(self.parts.handshake_timeout);
         let server = if definition.secure {
             let config = load_server_tls(
                 definition.tls_cert_file.as_deref().unwrap_or_default(),

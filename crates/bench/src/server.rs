@@ -54,6 +54,14 @@ impl Server {
             .arg(data_dir.path())
             .arg("--bind")
             .arg("127.0.0.1:0")
+            // Every simulated device shares 127.0.0.1: lift the per-address limits that would
+            // otherwise (rightly) cap one address.
+            .args([
+                "--max-connections-per-ip",
+                "0",
+                "--connect-rate-per-ip",
+                "0",
+            ])
             .env("IOTGATE_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())

@@ -76,6 +76,9 @@ fn default_heartbeat() -> u32 {
 fn default_max_message_bytes() -> usize {
     64 * 1024
 }
+fn default_auth_timeout() -> u32 {
+    30
+}
 fn default_max_failures() -> u32 {
     5
 }
@@ -146,6 +149,12 @@ pub struct ListenerDefinition {
     pub heartbeat_seconds: u32,
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
+    /// Echo every received message back to its sender before it enters the pipeline.
+    #[serde(default)]
+    pub echo: bool,
+    /// Seconds an unauthenticated connection behind a sentinel may stay open (0 = no deadline).
+    #[serde(default = "default_auth_timeout")]
+    pub auth_timeout_seconds: u32,
     #[serde(default = "default_true")]
     pub enabled: bool,
 }
@@ -232,6 +241,12 @@ impl ListenerDefinition {
                             ));
                         }
                     }
+                }
+                if self.path.contains('?') {
+                    problems.push(Problem::new(
+                        "/path",
+                        "a server listener's path cannot carry a query string",
+                    ));
                 }
                 if self.port.is_none() {
                     if let Some(problem) = reserved_path_problem("/path", &self.path) {
@@ -363,6 +378,9 @@ pub struct SentinelDefinition {
     pub access_key: Option<Locator>,
     #[serde(default)]
     pub credential: Option<Locator>,
+    /// Per-device message rate limit; absent = unlimited.
+    #[serde(default)]
+    pub device_messages_per_second: Option<u32>,
     #[serde(default = "default_max_failures")]
     pub max_failures: u32,
     #[serde(default = "default_true")]

@@ -242,8 +242,22 @@ impl ClientListener {
                 message = stream.next() => {
                     last_seen = Instant::now();
                     let bytes = match message {
-                        Some(Ok(Message::Text(text))) => bytes::Bytes::from(text),
-                        Some(Ok(Message::Binary(bytes))) => bytes,
+                        Some(Ok(Message::Text(text))) => {
+                            if self.definition.echo {
+                                if let Err(error) = sink.send(Message::Text(text.clone())).await {
+                                    return SessionEnd::Dropped(format!("echo failed: {error}"));
+                                }
+                            }
+                            bytes::Bytes::from(text)
+                        }
+                        Some(Ok(Message::Binary(bytes))) => {
+                            if self.definition.echo {
+                                if let Err(error) = sink.send(Message::Binary(bytes.clone())).await {
+                                    return SessionEnd::Dropped(format!("echo failed: {error}"));
+                                }
+                            }
+                            bytes
+                        }
                         Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
                         Some(Ok(Message::Close(frame))) => {
                             return SessionEnd::Dropped(match frame {

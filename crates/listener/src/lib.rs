@@ -10,11 +10,13 @@
 
 pub mod basic_auth;
 pub mod client;
+pub mod limits;
 pub mod server;
 pub mod status;
 pub mod subscriber;
 
 pub use basic_auth::BasicCredentialVerifier;
 pub use client::ClientListener;
+pub use limits::{ConnectionLimitSettings, ConnectionLimits};
 pub use server::ServerListener;
 pub use status::{ListenerState, ListenerStatus, ListenerStatusView};

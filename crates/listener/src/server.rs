@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::basic_auth::BasicCredentialVerifier;
+use crate::limits::{ConnectionLimits, ConnectionPermit, Refusal};
 use crate::status::{ListenerState, ListenerStatus};
 
 /// Process-wide connection ids, shared by server and client listeners.
@@ -30,6 +31,8 @@ pub struct ServerListener {
     pub status: Arc<ListenerStatus>,
     basic: Option<BasicCredentialVerifier>,
     pipeline: Arc<Pipeline>,
+    /// Process-wide admission (connection caps, connect rate), shared by every listener.
+    limits: Arc<ConnectionLimits>,
     /// Cancelled when the listener is replaced, disabled, deleted or the process stops; every
     /// connection task closes its socket with 1001 then.
     shutdown: CancellationToken,
@@ -58,6 +61,7 @@ impl ServerListener {
         status: Arc<ListenerStatus>,
         basic: Option<BasicCredentialVerifier>,
         pipeline: Arc<Pipeline>,
+        limits: Arc<ConnectionLimits>,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
@@ -66,6 +70,7 @@ impl ServerListener {
             status,
             basic,
             pipeline,
+            limits,
             shutdown,
         }
     }
@@ -90,6 +95,22 @@ impl ServerListener {
                 "the listener is restarting; retry",
             );
         }
+        // Admission before anything else: a connect flood costs a map lookup, not a handshake.
+        let permit = match self.limits.admit(request.peer_addr().map(|a| a.ip())) {
+            Ok(permit) => permit,
+            Err(refusal) => {
+                metrics.upgrade_rejected(key, refusal.code());
+                let builder = match refusal {
+                    Refusal::ServerFull => HttpResponse::ServiceUnavailable(),
+                    Refusal::AddressFull | Refusal::RateExceeded => HttpResponse::TooManyRequests(),
+                };
+                let mut response = error_response(builder, refusal.code(), refusal.message());
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return response;
+            }
+        };
         if let Some(expected) = &self.definition.origin {
             let origin = request
                 .headers()
@@ -196,7 +217,7 @@ impl ServerListener {
         );
         actix_web::rt::spawn(
             self.clone()
-                .run_connection(connection, session, stream, auth)
+                .run_connection(connection, session, stream, auth, permit)
                 .instrument(span),
         );
         response
@@ -208,6 +229,7 @@ impl ServerListener {
         mut session: Session,
         mut stream: actix_ws::AggregatedMessageStream,
         auth: Result<ConnectionAuth, Rejection>,
+        _permit: ConnectionPermit,
     ) {
         let counters = &self.context.counters;
         counters.connections.inc();
@@ -242,12 +264,25 @@ impl ServerListener {
         });
         ticker.tick().await;
         let mut last_seen = Instant::now();
+        // Behind a sentinel, a connection must authenticate one message within the deadline.
+        let auth_limit = Duration::from_secs(u64::from(self.definition.auth_timeout_seconds));
+        let auth_deadline_applies = self.context.sentinel.is_some() && !auth_limit.is_zero();
+        let auth_deadline = tokio::time::sleep(if auth_deadline_applies {
+            auth_limit
+        } else {
+            Duration::from_secs(86_400)
+        });
+        tokio::pin!(auth_deadline);
 
         let close: Option<CloseReason> = loop {
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => {
                     break Some(CloseReason { code: CloseCode::Away, description: Some("listener stopped or reconfigured".into()) });
+                }
+                _ = &mut auth_deadline, if auth_deadline_applies && !auth.authenticated => {
+                    tracing::info!("no authenticated message within the deadline");
+                    break Some(CloseReason { code: CloseCode::Policy, description: Some(format!("no authenticated message within {} s", auth_limit.as_secs())) });
                 }
                 _ = ticker.tick(), if !heartbeat.is_zero() => {
                     if last_seen.elapsed() > heartbeat * 2 {
@@ -261,8 +296,18 @@ impl ServerListener {
                 message = stream.recv() => {
                     last_seen = Instant::now();
                     let bytes = match message {
-                        Some(Ok(AggregatedMessage::Text(text))) => text.into_bytes(),
-                        Some(Ok(AggregatedMessage::Binary(bytes))) => bytes,
+                        Some(Ok(AggregatedMessage::Text(text))) => {
+                            if self.definition.echo && session.text(text.clone()).await.is_err() {
+                                break None;
+                            }
+                            text.into_bytes()
+                        }
+                        Some(Ok(AggregatedMessage::Binary(bytes))) => {
+                            if self.definition.echo && session.binary(bytes.clone()).await.is_err() {
+                                break None;
+                            }
+                            bytes
+                        }
                         Some(Ok(AggregatedMessage::Ping(payload))) => {
                             if session.pong(&payload).await.is_err() { break None; }
                             continue;

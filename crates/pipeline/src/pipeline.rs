@@ -63,6 +63,9 @@ pub struct ConnectionAuth {
     pub connect_values: ConnectTimeValues,
     /// Consecutive device failures.
     pub failures: u32,
+    /// True once one message of this connection passed the sentinel (or credentials given at
+    /// connect time did).
+    pub authenticated: bool,
 }
 
 pub struct Pipeline {
@@ -128,6 +131,7 @@ impl Pipeline {
         let (binding, connect_values) =
             sentinel.authenticate_connection(&self.registry, request)?;
         Ok(ConnectionAuth {
+            authenticated: binding.is_some(),
             binding,
             connect_values,
             failures: 0,
@@ -182,6 +186,30 @@ impl Pipeline {
             ) {
                 Ok(device) => {
                     auth.failures = 0;
+                    auth.authenticated = true;
+                    if let Some(rate) = sentinel.definition.device_messages_per_second {
+                        match device.reserve(rate, MAX_RATE_WAIT) {
+                            // Waiting here stops this connection from reading: TCP pushes back
+                            // on the device, and no other device is slowed.
+                            Some(wait) if !wait.is_zero() => tokio::time::sleep(wait).await,
+                            Some(_) => {}
+                            None => {
+                                let rejection = Rejection::new(
+                                    RejectionCode::RateLimited,
+                                    format!("the device exceeds {rate} messages per second"),
+                                )
+                                .claimed_by(&device.device_id);
+                                self.metrics
+                                    .rejected(&sentinel.key, RejectionCode::RateLimited)
+                                    .inc();
+                                listener.counters.rejected.inc();
+                                return Err(IngestError::Rejected {
+                                    rejection,
+                                    close: false,
+                                });
+                            }
+                        }
+                    }
                     device.note_contact(unix_micros(&envelope));
                     envelope.device_id = Some(device.device_id.clone());
                     envelope.device_type = Some(device.device_type.clone());
@@ -311,6 +339,9 @@ impl Pipeline {
         .await
     }
 }
+
+/// A device this far ahead of its rate is refused rather than slowed.
+const MAX_RATE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn sentinel_unavailable(key: &str) -> Rejection {
     Rejection::new(

@@ -4,9 +4,9 @@
 //! database in batches by [`DeviceRegistry::run_contact_flusher`].
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Duration, Instant};
 
 use iotgate_core::credentials::{KeyDigest, KeyHasher};
 use iotgate_store::{DeviceContact, DeviceRecord, Store};
@@ -27,6 +27,14 @@ pub struct RegisteredDevice {
     pending_messages: AtomicI64,
     /// Last contact as unix microseconds (0 = none since the last flush).
     last_contact_micros: AtomicI64,
+    /// Rate limiting (GCRA): the theoretical arrival time of the next message, in nanoseconds
+    /// since [`rate_epoch`]. One atomic per device; no lock on the hot path.
+    rate_next_nanos: AtomicU64,
+}
+
+fn rate_epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
 
 impl RegisteredDevice {
@@ -39,6 +47,35 @@ impl RegisteredDevice {
             secondary_key_digest: record.secondary_key_digest,
             pending_messages: AtomicI64::new(0),
             last_contact_micros: AtomicI64::new(0),
+            rate_next_nanos: AtomicU64::new(0),
+        }
+    }
+
+    /// Reserves the right to send one message at `per_second`, allowing bursts of one second's
+    /// worth. Returns how long the caller must wait first, or `None` when that would be more
+    /// than `max_wait` (nothing is reserved then).
+    pub fn reserve(&self, per_second: u32, max_wait: Duration) -> Option<Duration> {
+        let per_second = u64::from(per_second.max(1));
+        let interval = 1_000_000_000 / per_second;
+        let burst = interval * per_second;
+        let now = rate_epoch().elapsed().as_nanos() as u64;
+        let mut current = self.rate_next_nanos.load(Ordering::Relaxed);
+        loop {
+            let tat = current.max(now);
+            let allowed_at = (tat + interval).saturating_sub(burst);
+            let wait = allowed_at.saturating_sub(now);
+            if wait > max_wait.as_nanos() as u64 {
+                return None;
+            }
+            match self.rate_next_nanos.compare_exchange_weak(
+                current,
+                tat + interval,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(Duration::from_nanos(wait)),
+                Err(actual) => current = actual,
+            }
         }
     }
 
@@ -195,5 +232,44 @@ impl DeviceRegistry {
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device() -> RegisteredDevice {
+        RegisteredDevice::from_record(&DeviceRecord {
+            device_id: "d".into(),
+            name: "d".into(),
+            device_type: "t".into(),
+            enabled: true,
+            properties: serde_json::json!({}),
+            primary_key_digest: [0; 32],
+            secondary_key_digest: [1; 32],
+            created_at: String::new(),
+            last_contact: None,
+            message_count: 0,
+        })
+    }
+
+    #[test]
+    fn rate_limit_allows_a_second_of_burst_then_spaces_messages() {
+        let d = device();
+        let max = Duration::from_secs(1);
+        for _ in 0..10 {
+            assert_eq!(d.reserve(10, max), Some(Duration::ZERO));
+        }
+        let wait = d.reserve(10, max).unwrap();
+        assert!(
+            wait > Duration::from_millis(50) && wait <= Duration::from_millis(100),
+            "{wait:?}"
+        );
+        // Far ahead of the rate: refused, and nothing is reserved by the refusal.
+        for _ in 0..9 {
+            d.reserve(10, max).unwrap();
+        }
+        assert_eq!(d.reserve(10, max), None);
     }
 }

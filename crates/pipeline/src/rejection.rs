@@ -12,6 +12,7 @@ pub enum RejectionCode {
     DeviceDisabled,
     InvalidKey,
     SentinelUnavailable,
+    RateLimited,
     Unrouted,
 }
 
@@ -24,6 +25,7 @@ impl RejectionCode {
             RejectionCode::DeviceDisabled => "device_disabled",
             RejectionCode::InvalidKey => "invalid_key",
             RejectionCode::SentinelUnavailable => "sentinel_unavailable",
+            RejectionCode::RateLimited => "rate_limited",
             RejectionCode::Unrouted => "unrouted",
         }
     }
@@ -32,7 +34,9 @@ impl RejectionCode {
     pub fn is_device_failure(self) -> bool {
         !matches!(
             self,
-            RejectionCode::Unrouted | RejectionCode::SentinelUnavailable
+            RejectionCode::Unrouted
+                | RejectionCode::SentinelUnavailable
+                | RejectionCode::RateLimited
         )
     }
 }
