@@ -173,6 +173,20 @@ impl AdminAuth {
             .lock()
             .expect("failures lock")
             .remove(&address);
+        // Expired sessions are purged here: logins are rare, so this costs nothing noticeable
+        // and the table never fills with dead rows.
+        let now = OffsetDateTime::now_utc();
+        if let Err(error) = self
+            .store
+            .delete_expired_sessions(&iotgate_core::envelope::format_timestamp(now))
+            .await
+        {
+            tracing::warn!(error = %error, "could not purge expired sessions");
+        }
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .retain(|_, session| session.expires_at > now);
         let token = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode(iotgate_core::credentials::random_bytes::<32>());
         let expires_at = OffsetDateTime::now_utc() + SESSION_LIFETIME;
