@@ -66,10 +66,6 @@ impl SubscriberHub {
         self.sender.subscribe()
     }
 
-    pub fn subscribers(&self) -> usize {
-        self.sender.receiver_count()
-    }
-
     fn publish(&self, envelope: &Envelope) {
         self.counters.delivered.inc();
         self.latency

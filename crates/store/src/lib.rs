@@ -420,17 +420,6 @@ impl Store {
         rows.iter().map(TelemetryRow::from_row).collect()
     }
 
-    pub async fn count_telemetry(&self, device_id: Option<&str>) -> Result<i64, StoreError> {
-        Ok(
-            sqlx::query("SELECT COUNT(*) FROM telemetry WHERE (? IS NULL OR device_id = ?)")
-                .bind(device_id)
-                .bind(device_id)
-                .fetch_one(&self.pool)
-                .await?
-                .try_get(0)?,
-        )
-    }
-
     // ----- dead letters -----
 
     pub async fn insert_dead_letters(&self, rows: &[DeadLetterRow]) -> Result<(), StoreError> {
