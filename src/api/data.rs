@@ -1,6 +1,6 @@
 //! Read side: telemetry, dead letters, schemas and the OpenAPI document.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -34,9 +34,12 @@ fn parse_text(text: &str) -> Value {
 async fn telemetry(
     state: web::Data<AppState>,
     token: PresentedToken,
-    query: web::Query<TelemetryQuery>,
+    request: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     require_admin(&state, &token).await?;
+    // Parsed after authentication: without a token, every answer is 401.
+    let query = web::Query::<TelemetryQuery>::from_query(request.query_string())
+        .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
     let rows = state
         .store
@@ -76,9 +79,12 @@ struct LimitQuery {
 async fn dead_letters(
     state: web::Data<AppState>,
     token: PresentedToken,
-    query: web::Query<LimitQuery>,
+    request: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     require_admin(&state, &token).await?;
+    // Parsed after authentication: without a token, every answer is 401.
+    let query = web::Query::<LimitQuery>::from_query(request.query_string())
+        .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
     let rows = state.store.query_dead_letters(limit).await?;
     let items: Vec<Value> = rows

@@ -1,7 +1,7 @@
 //! The device registry API. Access keys are returned once (on registration and rotation) and
 //! stored only as HMAC digests; every write updates the in-memory registry at once.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use iotgate_core::credentials::generate_access_key;
 use iotgate_store::DeviceRecord;
 use serde::Deserialize;
@@ -91,9 +91,12 @@ struct ListQuery {
 async fn list(
     state: web::Data<AppState>,
     token: PresentedToken,
-    query: web::Query<ListQuery>,
+    request: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     require_admin(&state, &token).await?;
+    // Parsed after authentication: without a token, every answer is 401.
+    let query = web::Query::<ListQuery>::from_query(request.query_string())
+        .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
     let offset = query.offset.unwrap_or(0).max(0);
     let limit = query.limit.unwrap_or(50).clamp(1, 500);
     let search = query.search.as_deref().filter(|s| !s.is_empty());

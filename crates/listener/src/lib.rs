@@ -10,6 +10,7 @@
 
 pub mod basic_auth;
 pub mod client;
+pub mod frame_guard;
 pub mod limits;
 pub mod server;
 pub mod status;

@@ -1,11 +1,11 @@
 //! Server-mode listeners: the upgrade checks and the per-connection task.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::http::header::{self, HeaderValue};
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, FromRequest as _, HttpRequest, HttpResponse};
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError, Session};
 use iotgate_core::definition::ListenerDefinition;
 use iotgate_core::envelope::{new_envelope_id, ConnectionMetadata};
@@ -178,6 +178,23 @@ impl ServerListener {
             .pipeline
             .authenticate_connection(&self.context, &credentials);
 
+        // The frame guard enforces maxMessageBytes from frame headers, before any buffering.
+        let oversize = Arc::new(AtomicBool::new(false));
+        let mut guarded = crate::frame_guard::guard_payload(
+            body.into_inner(),
+            self.definition.max_message_bytes,
+            oversize.clone(),
+        );
+        let body = match web::Payload::from_request(&request, &mut guarded).await {
+            Ok(body) => body,
+            Err(error) => {
+                return error_response(
+                    HttpResponse::BadRequest(),
+                    "bad_request",
+                    &error.to_string(),
+                )
+            }
+        };
         let (mut response, session, stream) = match actix_ws::handle(&request, body) {
             Ok(parts) => parts,
             Err(error) => {
@@ -217,7 +234,7 @@ impl ServerListener {
         );
         actix_web::rt::spawn(
             self.clone()
-                .run_connection(connection, session, stream, auth, permit)
+                .run_connection(connection, session, stream, auth, permit, oversize)
                 .instrument(span),
         );
         response
@@ -230,6 +247,7 @@ impl ServerListener {
         mut stream: actix_ws::AggregatedMessageStream,
         auth: Result<ConnectionAuth, Rejection>,
         _permit: ConnectionPermit,
+        oversize: Arc<AtomicBool>,
     ) {
         let counters = &self.context.counters;
         counters.connections.inc();
@@ -320,6 +338,12 @@ impl ServerListener {
                         Some(Err(ProtocolError::Overflow)) => {
                             break Some(CloseReason { code: CloseCode::Size, description: Some(format!("message exceeds maxMessageBytes ({})", self.definition.max_message_bytes)) });
                         }
+                        Some(Err(_)) if oversize.load(Ordering::Relaxed) => {
+                            break Some(CloseReason { code: CloseCode::Size, description: Some(format!("message exceeds maxMessageBytes ({})", self.definition.max_message_bytes)) });
+                        }
+                        Some(Err(error)) if is_invalid_utf8(&error) => {
+                            break Some(CloseReason { code: CloseCode::Invalid, description: Some("text message is not valid UTF-8".into()) });
+                        }
                         Some(Err(error)) => {
                             tracing::debug!(error = %error, "protocol error");
                             break Some(CloseReason { code: CloseCode::Protocol, description: Some(error.to_string()) });
@@ -369,6 +393,20 @@ impl ServerListener {
             let _ = session.text(rejection.to_frame()).await;
         }
     }
+}
+
+/// True for the codec's complaint about a text message that is not UTF-8 (RFC 6455 asks for
+/// close code 1007 there). actix-ws reports it as an I/O error carrying the UTF-8 error, so
+/// the error chain is searched for it.
+fn is_invalid_utf8(error: &ProtocolError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = source {
+        if current.is::<std::str::Utf8Error>() || current.is::<std::string::FromUtf8Error>() {
+            return true;
+        }
+        source = current.source();
+    }
+    error.to_string().contains("invalid utf-8")
 }
 
 /// One device connection's fixed facts.
