@@ -278,6 +278,15 @@ pub fn presented_token(request: &HttpRequest, allow_query: bool) -> Option<Strin
     None
 }
 
+/// True when the request carries its token itself (bearer header or `token` query parameter),
+/// which no other site can make a browser send.
+pub fn token_not_from_cookie(request: &HttpRequest) -> bool {
+    request
+        .headers()
+        .contains_key(actix_web::http::header::AUTHORIZATION)
+        || url::form_urlencoded::parse(request.query_string().as_bytes()).any(|(k, _)| k == "token")
+}
+
 /// The token of a request, extracted without verifying (verification is async; handlers call
 /// [`crate::api::require_admin`]), with the cross-site check of cookie-authenticated writes.
 #[derive(Debug, Clone)]
@@ -290,7 +299,7 @@ pub struct PresentedToken {
 
 /// True when the request comes from the UI's own origin. Browsers send `Sec-Fetch-Site`; older
 /// ones at least send `Origin` with cross-site writes, which must then name our host.
-fn from_own_origin(request: &HttpRequest) -> bool {
+pub fn from_own_origin(request: &HttpRequest) -> bool {
     let headers = request.headers();
     if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
         return site == "same-origin" || site == "none";

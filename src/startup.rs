@@ -220,6 +220,17 @@ async fn dispatch(
             Some(token) => state.auth.authenticate(&token).await.is_some(),
             None => false,
         };
+        // A browser sends the session cookie with a WebSocket opened by any page of the same
+        // host (SameSite ignores ports), so a cookie-borne subscription must come from our own
+        // origin, or another page could read the live feed (cross-site WebSocket hijacking).
+        if authorized
+            && !crate::auth::token_not_from_cookie(&request)
+            && !crate::auth::from_own_origin(&request)
+        {
+            return HttpResponse::Forbidden().json(serde_json::json!({"error": {
+                "code": "forbidden",
+                "message": "a subscription riding on the session cookie must come from the admin UI's origin"}}));
+        }
         if !authorized {
             return HttpResponse::Unauthorized().json(serde_json::json!({"error": {
                 "code": "unauthorized",

@@ -14,8 +14,16 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'
 
 pub fn configure(config: &mut web::ServiceConfig) {
     config
-        .route("/", web::get().to(index))
-        .route("/assets/{file:.*}", web::get().to(asset));
+        .service(
+            web::resource("/")
+                .route(web::get().to(index))
+                .route(web::head().to(index)),
+        )
+        .service(
+            web::resource("/assets/{file:.*}")
+                .route(web::get().to(asset))
+                .route(web::head().to(asset)),
+        );
 }
 
 fn serve(path: &str) -> HttpResponse {

@@ -1085,3 +1085,42 @@ async fn all_listener_statuses_are_listed() {
     assert_eq!(statuses[1]["key"], "beta");
     assert_eq!(statuses[1]["state"], "disabled");
 }
+
+/// A live-feed subscription that rides on the session cookie must come from our own origin: a
+/// page on another port of the same host gets the cookie too (SameSite ignores ports) and must
+/// not be able to read telemetry. A token in the URL or a bearer header is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookie_subscriptions_from_other_origins_are_refused() {
+    let server = TestServer::start().await;
+    server
+        .create_ok(
+            "downstreams",
+            &json!({"key": "live", "name": "Live", "type": "websocket", "path": "/live"}),
+        )
+        .await;
+    let token = server.token().await;
+    let cookie = format!("iotgate_session={token}");
+    let own_origin = format!("http://127.0.0.1:{}", server.port);
+
+    let foreign = WsOptions::new()
+        .origin("http://127.0.0.1:9999")
+        .header("cookie", &cookie);
+    let refused = server.ws_connect("/live", &foreign).await.expect_err("foreign origin accepted");
+    assert_eq!(upgrade_status(&refused), Some(403));
+
+    let cross_site = WsOptions::new()
+        .header("sec-fetch-site", "same-site")
+        .header("cookie", &cookie);
+    let refused = server.ws_connect("/live", &cross_site).await.expect_err("same-site accepted");
+    assert_eq!(upgrade_status(&refused), Some(403));
+
+    let own = WsOptions::new().origin(&own_origin).header("cookie", &cookie);
+    assert!(server.ws_connect("/live", &own).await.is_ok());
+
+    // The token in the URL cannot be forged by another site, whatever its Origin.
+    let url_token = WsOptions::new().origin("http://127.0.0.1:9999");
+    assert!(server
+        .ws_connect(&format!("/live?token={token}"), &url_token)
+        .await
+        .is_ok());
+}

@@ -556,6 +556,22 @@ impl DownstreamDefinition {
     }
 }
 
+/// Rewrites numbers with no fractional part (`8080.0`) as integers, as JSON Schema counts them.
+fn normalize_whole_numbers(value: &mut Value) {
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            if let Some(f) = n.as_f64() {
+                if f.fract() == 0.0 && f.abs() < 9.0e15 {
+                    *value = Value::from(f as i64);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(normalize_whole_numbers),
+        Value::Object(map) => map.values_mut().for_each(normalize_whole_numbers),
+        _ => {}
+    }
+}
+
 /// A parsed, validated definition of any kind.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Definition {
@@ -599,6 +615,8 @@ impl Definition {
         // rest still does not form a definition (a required field is missing), the schema's
         // report is the whole answer.
         let mut lenient = document.clone();
+        // JSON Schema's "integer" accepts 8080.0; the typed view must too.
+        normalize_whole_numbers(&mut lenient);
         if let Some(object) = lenient.as_object_mut() {
             for problem in &problems {
                 if let Some(field) = problem.pointer.strip_prefix('/') {

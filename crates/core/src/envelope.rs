@@ -150,6 +150,13 @@ pub fn remove_at_pointer(value: &mut Value, pointer: &str) -> bool {
     };
     match parent {
         Some(Value::Object(map)) => map.remove(&last).is_some(),
+        Some(Value::Array(items)) => match last.parse::<usize>() {
+            Ok(index) if index < items.len() => {
+                items.remove(index);
+                true
+            }
+            _ => false,
+        },
         _ => false,
     }
 }
