@@ -152,6 +152,10 @@ impl Application {
         .backlog(4096)
         .max_connections(100_000)
         .client_request_timeout(handshake_timeout)
+        // Close the TCP connection as soon as a response (or a WebSocket closing handshake) is
+        // done, instead of lingering for the peer to close first: clients expect the server
+        // to drop TCP after the close frames (RFC 6455 7.1.1), and idle sockets cost memory.
+        .client_disconnect_timeout(Duration::ZERO)
         .bind(config.bind)
         .map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", config.bind))?;
         let address = *server.addrs().first().expect("bound to one address");

@@ -669,6 +669,7 @@ impl Supervisor {
         .shutdown_timeout(2)
         .backlog(4096)
         .client_request_timeout(self.parts.handshake_timeout)
+        .client_disconnect_timeout(Duration::ZERO)
         .tls_handshake_timeout(self.parts.handshake_timeout);
         let server = if definition.secure {
             let config = load_server_tls(

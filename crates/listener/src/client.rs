@@ -260,6 +260,13 @@ impl ClientListener {
                         }
                         Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
                         Some(Ok(Message::Close(frame))) => {
+                            // tungstenite queued the close reply; send it and let the server
+                            // end the connection, so the closing handshake completes cleanly.
+                            let _ = sink.flush().await;
+                            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                                while stream.next().await.is_some() {}
+                            })
+                            .await;
                             return SessionEnd::Dropped(match frame {
                                 Some(f) => format!("the server closed the connection ({}: {})", u16::from(f.code), f.reason),
                                 None => "the server closed the connection".into(),

@@ -399,14 +399,16 @@ impl ServerListener {
 /// close code 1007 there). actix-ws reports it as an I/O error carrying the UTF-8 error, so
 /// the error chain is searched for it.
 fn is_invalid_utf8(error: &ProtocolError) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(current) = source {
-        if current.is::<std::str::Utf8Error>() || current.is::<std::string::FromUtf8Error>() {
+    // io::Error::source() skips the error it wraps, so look inside it directly.
+    if let ProtocolError::Io(io) = error {
+        if io.get_ref().is_some_and(|inner| {
+            inner.is::<std::str::Utf8Error>() || inner.is::<std::string::FromUtf8Error>()
+        }) {
             return true;
         }
-        source = current.source();
     }
-    error.to_string().contains("invalid utf-8")
+    // actix-ws words truncated sequences as "incomplete utf-8 byte sequence".
+    error.to_string().contains("utf-8")
 }
 
 /// One device connection's fixed facts.
