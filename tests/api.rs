@@ -1105,16 +1105,24 @@ async fn cookie_subscriptions_from_other_origins_are_refused() {
     let foreign = WsOptions::new()
         .origin("http://127.0.0.1:9999")
         .header("cookie", &cookie);
-    let refused = server.ws_connect("/live", &foreign).await.expect_err("foreign origin accepted");
+    let refused = server
+        .ws_connect("/live", &foreign)
+        .await
+        .expect_err("foreign origin accepted");
     assert_eq!(upgrade_status(&refused), Some(403));
 
     let cross_site = WsOptions::new()
         .header("sec-fetch-site", "same-site")
         .header("cookie", &cookie);
-    let refused = server.ws_connect("/live", &cross_site).await.expect_err("same-site accepted");
+    let refused = server
+        .ws_connect("/live", &cross_site)
+        .await
+        .expect_err("same-site accepted");
     assert_eq!(upgrade_status(&refused), Some(403));
 
-    let own = WsOptions::new().origin(&own_origin).header("cookie", &cookie);
+    let own = WsOptions::new()
+        .origin(&own_origin)
+        .header("cookie", &cookie);
     assert!(server.ws_connect("/live", &own).await.is_ok());
 
     // The token in the URL cannot be forged by another site, whatever its Origin.
