@@ -989,10 +989,19 @@ async fn admin_ui_is_served_with_a_strict_csp() {
     assert!(csp.contains("script-src 'self'"), "{csp}");
     assert!(!csp.contains("unsafe-inline"), "{csp}");
     assert!(response.text().await.unwrap().contains("<"));
-    let outside = reqwest::get(server.url("/assets/../../Cargo.toml"))
+    // Percent-encoded, so the client sends the dot segments as they are (a literal `..` would be
+    // resolved by the client before sending and never reach the assets route).
+    let outside = reqwest::get(server.url("/assets/%2e%2e/%2e%2e/Cargo.toml"))
         .await
         .unwrap();
-    assert_ne!(outside.status(), 200);
+    assert_eq!(outside.status(), 404);
+    let body = outside.text().await.unwrap();
+    assert!(!body.contains("[workspace]"), "{body}");
+    // And a real asset is served from the same route.
+    let style = reqwest::get(server.url("/assets/styles.css"))
+        .await
+        .unwrap();
+    assert_eq!(style.status(), 200);
 }
 
 /// A state-changing request riding on the session cookie is refused when it comes from another

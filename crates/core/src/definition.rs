@@ -51,14 +51,6 @@ impl DefinitionKind {
             DefinitionKind::Downstream => "downstreams",
         }
     }
-
-    pub fn from_collection(collection: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.collection() == collection)
-    }
-
-    pub fn from_schema_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.schema_name() == name)
-    }
 }
 
 impl std::fmt::Display for DefinitionKind {

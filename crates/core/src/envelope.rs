@@ -161,13 +161,14 @@ pub fn remove_at_pointer(value: &mut Value, pointer: &str) -> bool {
     }
 }
 
-/// A fresh envelope id: UUID v7 (time-ordered) with its random bits from the thread-local RNG,
-/// which avoids a getrandom system call per message.
-pub fn new_envelope_id() -> Uuid {
+/// A fresh envelope id for a message received at `received_at`: UUID v7 (time-ordered, from the
+/// receive time the envelope carries anyway, so the clock is read once) with its random bits from
+/// the thread-local RNG, which avoids a getrandom system call per message.
+pub fn new_envelope_id(received_at: OffsetDateTime) -> Uuid {
     use rand::RngCore;
     let mut random = [0u8; 10];
     rand::thread_rng().fill_bytes(&mut random);
-    let millis = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+    let millis = received_at.unix_timestamp_nanos() / 1_000_000;
     uuid::Builder::from_unix_timestamp_millis(millis as u64, &random).into_uuid()
 }
 

@@ -163,16 +163,21 @@ impl ServerListener {
             }
         }
 
-        // Connect-time device credentials (query parameters, headers) for the sentinel.
-        let credentials = ConnectionCredentials {
-            query: url::form_urlencoded::parse(request.query_string().as_bytes())
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect(),
-            headers: request
-                .headers()
-                .iter()
-                .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-                .collect(),
+        // Connect-time device credentials (query parameters, headers), copied only when a
+        // sentinel will read them.
+        let credentials = if self.context.sentinel.is_none() {
+            ConnectionCredentials::default()
+        } else {
+            ConnectionCredentials {
+                query: url::form_urlencoded::parse(request.query_string().as_bytes())
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .collect(),
+                headers: request
+                    .headers()
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+                    .collect(),
+            }
         };
         let auth = self
             .pipeline
@@ -421,12 +426,13 @@ pub(crate) struct Connection {
 impl Connection {
     /// A new envelope for a message of `size` bytes; the payload is filled in after decoding.
     pub fn envelope(&self, context: &ListenerContext, size: usize) -> Envelope {
+        let received_at = time::OffsetDateTime::now_utc();
         Envelope {
-            id: new_envelope_id(),
+            id: new_envelope_id(received_at),
             listener_key: context.key.clone(),
             connection_id: self.id,
             source_address: self.peer,
-            received_at: time::OffsetDateTime::now_utc(),
+            received_at,
             received_instant: Instant::now(),
             content_type: context.content_type,
             size,

@@ -85,21 +85,6 @@ impl Store {
         rows.iter().map(StoredDefinition::from_row).collect()
     }
 
-    pub async fn get_definition(
-        &self,
-        kind: &str,
-        key: &str,
-    ) -> Result<Option<StoredDefinition>, StoreError> {
-        let row = sqlx::query(
-            "SELECT kind, key, document, secret, created_at, updated_at FROM definitions WHERE kind = ? AND key = ?",
-        )
-        .bind(kind)
-        .bind(key)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(StoredDefinition::from_row).transpose()
-    }
-
     pub async fn insert_definition(&self, definition: &StoredDefinition) -> Result<(), StoreError> {
         let result = sqlx::query(
             "INSERT INTO definitions (kind, key, document, secret, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
