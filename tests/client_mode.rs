@@ -145,7 +145,9 @@ async fn client_mode_sends_configured_headers_and_reconnects() {
         "key": "remote-a", "name": "Remote A", "listenerType": "websocket", "mode": "client",
         "contentType": "json", "hostName": "127.0.0.1", "port": remote.port, "path": "/feed",
         "origin": "https://iotgate.example", "subProtocol": "iot.v1", "headers": {"x-tenant": "t1"},
-        "anonymous": false, "userName": "gw", "password": "gw-pass-1234", "heartbeatSeconds": 5
+        "anonymous": false, "userName": "gw", "password": "gw-pass-1234", "heartbeatSeconds": 5,
+        // The test's remote speaks plain ws:// on the loopback.
+        "allowInsecureCredentials": true
     });
     let created = server.create_ok("listeners", &def).await;
     assert!(
@@ -578,4 +580,41 @@ async fn secure_client_mode_trusts_the_configured_ca_file() {
     // Nothing from the untrusted remote reached the store.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(server.telemetry("deviceId=d1&limit=1000").await.len(), 2);
+}
+
+/// A client-mode listener acknowledges to the remote server it connected to: the remote speaks
+/// for its devices, sends ids, and hears acks and refusals naming them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_mode_acknowledges_to_the_remote() {
+    let mut remote = Remote::start().await;
+    let server = TestServer::start().await;
+    setup_store_pipeline(&server, 100).await;
+    let (key, _) = server.register_device("d1", "thermo").await;
+    let def = json!({
+        "key": "remote-c", "name": "Remote C", "listenerType": "websocket", "mode": "client",
+        "contentType": "json", "hostName": "127.0.0.1", "port": remote.port, "path": "/feed",
+        "anonymous": true, "sentinel": "sen", "acknowledge": "stored", "maxInFlight": 8
+    });
+    server.create_ok("listeners", &def).await;
+    let mut ws = remote.next_accept(WAIT).await.ws;
+    server.wait_listener_state("remote-c", "running").await;
+
+    for i in 0..20 {
+        let mut m = device_msg("d1", &key, json!({"i": i}));
+        m["messageId"] = json!(format!("r-{i}"));
+        send_json(&mut ws, &m).await;
+    }
+    let mut acked = std::collections::HashSet::new();
+    while acked.len() < 20 {
+        let frame = recv_json(&mut ws, WAIT).await;
+        assert_eq!(frame["ack"]["status"], "stored", "{frame}");
+        acked.insert(frame["ack"]["messageId"].as_str().unwrap().to_owned());
+    }
+    let mut bad = device_msg("d1", "wrong", json!({}));
+    bad["messageId"] = json!("r-bad");
+    send_json(&mut ws, &bad).await;
+    let frame = recv_json(&mut ws, WAIT).await;
+    assert_eq!(frame["error"]["code"], "invalid_key", "{frame}");
+    assert_eq!(frame["error"]["messageId"], "r-bad");
+    assert_eq!(server.wait_telemetry("d1", 20).await.len(), 20);
 }

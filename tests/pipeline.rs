@@ -3,15 +3,14 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use futures_util::SinkExt;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 // ---------------------------------------------------------------------------------------------
@@ -236,6 +235,10 @@ async fn key_rotation_takes_effect_at_once() {
     assert_eq!(s, StatusCode::OK, "{b}");
     let new_primary = b["primaryAccessKey"].as_str().unwrap().to_string();
 
+    // The connection that used the old key is closed at once (1008 key_rotated); a new one
+    // with the old key is refused.
+    assert_eq!(expect_close(&mut ws, WAIT).await, 1008);
+    let mut ws = server.connect_device("/devices").await;
     send_json(&mut ws, &device_msg("d1", &old_primary, json!({"n": 2}))).await;
     expect_error_frame(&mut ws, "invalid_key").await;
     send_json(&mut ws, &device_msg("d1", &new_primary, json!({"n": 3}))).await;
@@ -262,6 +265,9 @@ async fn deleted_device_is_unknown() {
         server.delete("/api/v1/devices/d1").await.status(),
         StatusCode::NO_CONTENT
     );
+    // Its live connection is closed at once (1008 device_deleted); a new one is refused.
+    assert_eq!(expect_close(&mut ws, WAIT).await, 1008);
+    let mut ws = server.connect_device("/devices").await;
     send_json(&mut ws, &device_msg("d1", &key, json!({"n": 2}))).await;
     expect_error_frame(&mut ws, "unknown_device").await;
 }
@@ -724,138 +730,6 @@ async fn websocket_subscribers_formats_filters_and_auth() {
 // ---------------------------------------------------------------------------------------------
 // Webhook downstream
 // ---------------------------------------------------------------------------------------------
-
-/// One request the hook server received.
-#[derive(Clone, Debug)]
-struct HookRequest {
-    head: String,
-    body: Vec<u8>,
-}
-
-/// A tiny HTTP/1.1 server answering every request with `status` (Connection: close).
-struct HookServer {
-    url: String,
-    requests: Arc<Mutex<Vec<HookRequest>>>,
-    hits: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for HookServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn start_hook(status: u16) -> HookServer {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let requests = Arc::new(Mutex::new(Vec::new()));
-    let hits = Arc::new(AtomicUsize::new(0));
-    let (req2, hits2) = (requests.clone(), hits.clone());
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
-                return;
-            };
-            let (reqs, hits) = (req2.clone(), hits2.clone());
-            tokio::spawn(async move {
-                let Some(req) = read_http_request(&mut sock).await else {
-                    return;
-                };
-                hits.fetch_add(1, Ordering::SeqCst);
-                reqs.lock().unwrap().push(req);
-                let reason = if status < 300 {
-                    "OK"
-                } else {
-                    "Internal Server Error"
-                };
-                let resp = format!(
-                    "HTTP/1.1 {status} {reason}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                );
-                let _ = sock.write_all(resp.as_bytes()).await;
-                let _ = sock.shutdown().await;
-            });
-        }
-    });
-    HookServer {
-        url: format!("http://127.0.0.1:{port}/hook"),
-        requests,
-        hits,
-        task,
-    }
-}
-
-async fn read_http_request(sock: &mut tokio::net::TcpStream) -> Option<HookRequest> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
-        }
-        let n = tokio::time::timeout(Duration::from_secs(10), sock.read(&mut chunk))
-            .await
-            .ok()?
-            .ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let lower = head.to_ascii_lowercase();
-    let mut rest = buf[head_end..].to_vec();
-    let header = |name: &str| {
-        lower.lines().find_map(|l| {
-            l.strip_prefix(&format!("{name}:"))
-                .map(|v| v.trim().to_string())
-        })
-    };
-    let body = if let Some(len) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
-        while rest.len() < len {
-            let n = tokio::time::timeout(Duration::from_secs(10), sock.read(&mut chunk))
-                .await
-                .ok()?
-                .ok()?;
-            if n == 0 {
-                return None;
-            }
-            rest.extend_from_slice(&chunk[..n]);
-        }
-        rest.truncate(len);
-        rest
-    } else if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
-        // Minimal chunked decoding: read until the terminating 0-length chunk.
-        loop {
-            if rest.windows(5).any(|w| w == b"0\r\n\r\n") {
-                break;
-            }
-            let n = tokio::time::timeout(Duration::from_secs(10), sock.read(&mut chunk))
-                .await
-                .ok()?
-                .ok()?;
-            if n == 0 {
-                break;
-            }
-            rest.extend_from_slice(&chunk[..n]);
-        }
-        let mut out = Vec::new();
-        let mut i = 0;
-        while let Some(p) = rest[i..].windows(2).position(|w| w == b"\r\n") {
-            let size =
-                usize::from_str_radix(String::from_utf8_lossy(&rest[i..i + p]).trim(), 16).ok()?;
-            if size == 0 {
-                break;
-            }
-            let start = i + p + 2;
-            out.extend_from_slice(rest.get(start..start + size)?);
-            i = start + size + 2;
-        }
-        out
-    } else {
-        Vec::new()
-    };
-    Some(HookRequest { head, body })
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_receives_the_envelope() {
@@ -1412,49 +1286,6 @@ async fn references_must_exist_and_block_deletion() {
 // Backpressure
 // ---------------------------------------------------------------------------------------------
 
-/// Like [`start_hook`], answering 200 after `delay`, and keeping-alive-agnostic.
-async fn start_slow_hook(delay: Duration) -> HookServer {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let requests = Arc::new(Mutex::new(Vec::new()));
-    let hits = Arc::new(AtomicUsize::new(0));
-    let (req2, hits2) = (requests.clone(), hits.clone());
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
-                return;
-            };
-            let (reqs, hits) = (req2.clone(), hits2.clone());
-            tokio::spawn(async move {
-                let Some(req) = read_http_request(&mut sock).await else {
-                    return;
-                };
-                tokio::time::sleep(delay).await;
-                hits.fetch_add(1, Ordering::SeqCst);
-                reqs.lock().unwrap().push(req);
-                let resp = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
-                let _ = sock.write_all(resp.as_bytes()).await;
-                let _ = sock.shutdown().await;
-            });
-        }
-    });
-    HookServer {
-        url: format!("http://127.0.0.1:{port}/hook"),
-        requests,
-        hits,
-        task,
-    }
-}
-
-fn envelope_id_header(head: &str) -> Option<String> {
-    head.lines().find_map(|l| {
-        let (name, value) = l.split_once(':')?;
-        name.trim()
-            .eq_ignore_ascii_case("x-iotgate-envelope-id")
-            .then(|| value.trim().to_string())
-    })
-}
-
 /// A slow webhook (50 ms per request) behind a small queue: a device sending 300 messages fast
 /// is slowed down, not dropped; every message arrives exactly once and nothing is dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1485,15 +1316,16 @@ async fn slow_webhook_pushes_back_and_loses_nothing() {
     // Samples the hook's queue depth while the messages drain.
     let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let sampler = {
-        let (http, url, sampling) = (
+        let (http, url, sampling, token) = (
             server.http.clone(),
             server.url("/metrics"),
             sampling.clone(),
+            server.token().await,
         );
         tokio::spawn(async move {
             let mut max_depth = 0f64;
             while sampling.load(Ordering::SeqCst) {
-                if let Ok(r) = http.get(&url).send().await {
+                if let Ok(r) = http.get(&url).bearer_auth(&token).send().await {
                     let text = r.text().await.unwrap_or_default();
                     if let Some(d) =
                         metric_value(&text, "iotgate_queue_depth", &[("downstream", "hook")])

@@ -6,7 +6,8 @@
 //!   headers, bodies), invalid input is refused, authentication is not ignored.
 //! - `every_protected_operation_answers_401_without_credentials` walks the document itself: every
 //!   operation that does not declare `security: []` answers 401 without credentials, with a bad
-//!   bearer token and with a bad session cookie; only login, healthz and metrics are public.
+//!   bearer token and with a bad session cookie; only login and healthz are public (metrics too
+//!   with `--metrics-public`, which this server does not have).
 //!
 //! Knobs (environment): `IOTGATE_SCHEMATHESIS_EXAMPLES` (examples per operation, default 25),
 //! `IOTGATE_SCHEMATHESIS_SEED` (default fixed, so a CI failure reproduces; set another to explore).
@@ -26,10 +27,6 @@ const DEFAULT_EXAMPLES: u32 = 25;
 const DEFAULT_SEED: u64 = 20261122;
 /// Upper bound for one schemathesis run; it is killed after that.
 const RUN_LIMIT: Duration = Duration::from_secs(300);
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn venv() -> PathBuf {
     repo_root().join("target").join("schemathesis-venv")
@@ -127,6 +124,11 @@ const OUTBOUND_CAPABLE: [&str; 4] = [
     "replaceDownstream",
 ];
 
+/// Operations that can end or demote the run's own credential (a stateful run learns user names
+/// from `GET /users` and may reset the signed-in admin's password). They are fuzzed in a run of
+/// their own, with an API token of an admin made for it.
+const ACCOUNT_CHANGING: [&str; 2] = ["updateUser", "deleteUser"];
+
 fn narrowed_for_loopback(doc: &Value) -> Value {
     let mut doc = doc.clone();
     let schemas = &mut doc["components"]["schemas"];
@@ -213,11 +215,52 @@ async fn schemathesis_finds_no_server_error_or_document_violation() {
         ]
     };
 
-    // Run 1: every operation but logout and the outbound-capable ones, positive and negative data.
+    // Run 3 fuzzes the user operations as an admin of its own with an API token (which outlives a
+    // password reset), next to a second admin so "the last admin" is not always the answer. Made
+    // now: run 1's failed logins throttle this address.
+    for (user, password) in [
+        ("fuzz-runner", "fuzz-runner-password"),
+        ("spare-admin", "spare-admin-password"),
+    ] {
+        server
+            .create_ok(
+                "users",
+                &json!({"userName": user, "role": "admin", "password": password}),
+            )
+            .await;
+    }
+    let runner = server
+        .http
+        .post(server.url("/api/v1/auth/login"))
+        .json(&json!({"userName": "fuzz-runner", "password": "fuzz-runner-password"}))
+        .send()
+        .await
+        .unwrap();
+    let runner_session = body_json(runner).await.1["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let expires = (time::OffsetDateTime::now_utc() + time::Duration::days(1))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let created = server
+        .http
+        .post(server.url("/api/v1/tokens"))
+        .bearer_auth(&runner_session)
+        .json(&json!({"name": "schemathesis", "role": "admin", "expiresAt": expires}))
+        .send()
+        .await
+        .unwrap();
+    let runner_token = body_json(created).await.1["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Run 1: every operation but logout, the outbound-capable and the account-changing ones,
+    // positive and negative data.
     let mut args = common_args(&doc_file);
-    for op in OUTBOUND_CAPABLE {
+    for op in OUTBOUND_CAPABLE.iter().chain(&ACCOUNT_CHANGING) {
         args.push("--exclude-operation-id".into());
-        args.push(op.into());
+        args.push((*op).into());
     }
     let dir = work.path().to_path_buf();
     let exe1 = exe.clone();
@@ -235,13 +278,35 @@ async fn schemathesis_finds_no_server_error_or_document_violation() {
         args.push(op.into());
     }
     let dir = work.path().to_path_buf();
-    let run2 = tokio::task::spawn_blocking(move || run_schemathesis(&exe, &dir, "run2", &args))
+    let exe2 = exe.clone();
+    let run2 = tokio::task::spawn_blocking(move || run_schemathesis(&exe2, &dir, "run2", &args))
         .await
         .expect("schemathesis task");
     print_run(
         "create/replace listeners and downstreams (positive, loopback only)",
         &run2,
     );
+
+    // Run 3: the user operations, with the runner's own API token (made before run 1, whose
+    // failed logins throttle this address).
+    let mut args = common_args(&doc_file);
+    let header = args
+        .iter()
+        .position(|a| a.starts_with("Authorization: Bearer "))
+        .unwrap();
+    args[header] = format!("Authorization: Bearer {runner_token}");
+    for op in ACCOUNT_CHANGING
+        .iter()
+        .chain(&["createUser", "listUsers", "getUser"])
+    {
+        args.push("--include-operation-id".into());
+        args.push((*op).into());
+    }
+    let dir = work.path().to_path_buf();
+    let run3 = tokio::task::spawn_blocking(move || run_schemathesis(&exe, &dir, "run3", &args))
+        .await
+        .expect("schemathesis task");
+    print_run("user operations (own admin, API token)", &run3);
 
     // The server is still healthy, and no client listener was created.
     let health = server
@@ -259,9 +324,10 @@ async fn schemathesis_finds_no_server_error_or_document_violation() {
         );
     }
     println!(
-        "FIGURE: schemathesis {version}: {examples} examples/operation, seed {seed}: run 1 {:.1} s, run 2 {:.1} s; {} listeners and {} downstreams left behind",
+        "FIGURE: schemathesis {version}: {examples} examples/operation, seed {seed}: run 1 {:.1} s, run 2 {:.1} s, run 3 {:.1} s; {} listeners and {} downstreams left behind",
         run1.took.as_secs_f64(),
         run2.took.as_secs_f64(),
+        run3.took.as_secs_f64(),
         listeners.as_array().unwrap().len(),
         server.get_ok("/api/v1/downstreams").await.as_array().unwrap().len()
     );
@@ -271,11 +337,15 @@ async fn schemathesis_finds_no_server_error_or_document_violation() {
         "the server panicked during the run (see its log)"
     );
     assert!(
-        run1.success && run2.success,
-        "schemathesis found problems (run 1 {}, run 2 {}); see the output above",
+        run1.success && run2.success && run3.success,
+        "schemathesis found problems (run 1 {}, run 2 {}, run 3 {}); see the output above",
         run1.success,
-        run2.success
+        run2.success,
+        run3.success
     );
+    // Run 1 kept its session: nothing it may call can end it.
+    let (s, _) = body_json(server.get("/api/v1/auth/me").await).await;
+    assert_eq!(s, 200, "run 1 lost its session");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -377,7 +447,7 @@ async fn every_protected_operation_answers_401_without_credentials() {
     assert!(failures.is_empty(), "not 401:\n{}", failures.join("\n"));
     assert_eq!(
         public,
-        ["GET /healthz", "GET /metrics", "POST /api/v1/auth/login"],
+        ["GET /healthz", "POST /api/v1/auth/login"],
         "the public operations of the document"
     );
     assert!(

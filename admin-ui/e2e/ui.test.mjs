@@ -10,7 +10,7 @@ import { launchBrowser, runNode, screenshot, startServer, writeArtifact } from '
 const PASSWORD = 'correct-horse-battery-staple';
 const WAIT = 10_000;
 
-describe('admin UI in Chromium', { timeout: 110_000 }, () => {
+describe('admin UI in Chromium', { timeout: 170_000 }, () => {
   let server;
   let browser;
   let page;
@@ -97,12 +97,45 @@ describe('admin UI in Chromium', { timeout: 110_000 }, () => {
     await screenshot(page, '05-downstreams');
   });
 
+  it('creates a NATS downstream with a write-only password and tests its connection', async () => {
+    await page.locator('.page-actions a', { hasText: 'New downstream' }).click();
+    await heading('New downstream');
+    await input('/key').fill('nats-out');
+    await input('/name').fill('Telemetry to NATS');
+    await field('/type').locator('label', { hasText: 'NATS / JetStream' }).click();
+    // The form follows the type: broker fields show, the websocket path does not.
+    await field('/subject').waitFor({ state: 'visible' });
+    assert.equal(await field('/path').isVisible(), false, 'path applies to websocket downstreams only');
+    assert.equal(await field('/topic').isVisible(), false, 'topic applies to mqtt downstreams only');
+    assert.equal(await input('/password').getAttribute('type'), 'password');
+    await input('/url').fill('nats://127.0.0.1:4222');
+    await screenshot(page, '05b-nats-downstream-form');
+    await page.locator('button[type=submit]').click();
+    const row = page.locator('tr[data-key="nats-out"]');
+    await row.waitFor();
+    // The server tries the saved definition: connect, authenticate, publish a probe.
+    await row.locator('button', { hasText: 'Test connection' }).click();
+    await page.locator('.toast', { hasText: 'nats-out: connected, authenticated, probe published' })
+      .waitFor({ timeout: 15_000 });
+    // Types without a connection of their own have no such button.
+    assert.equal(await page.locator('tr[data-key="live"] button', { hasText: 'Test connection' }).count(), 0);
+    await screenshot(page, '05c-nats-test-connection');
+  });
+
   it('shows each validation error beside its field', async () => {
     await nav('Listeners');
     await page.locator('.empty a', { hasText: 'Create a listener' }).click();
     await heading('New listener');
     // Anonymous is the default, so Basic credentials are not offered.
     assert.equal(await field('/userName').isVisible(), false);
+    // Acknowledgement settings appear only for a listener that acknowledges.
+    assert.equal(await field('/maxInFlight').isVisible(), false);
+    await field('/acknowledge').locator('.choice', { hasText: 'Stored' }).click();
+    await field('/maxInFlight').waitFor({ state: 'visible' });
+    await field('/dedupWindowSeconds').waitFor({ state: 'visible' });
+    await field('/messageId').waitFor({ state: 'visible' });
+    await field('/acknowledge').locator('.choice', { hasText: 'None' }).click();
+    await field('/maxInFlight').waitFor({ state: 'hidden' });
     await input('/key').fill('Plant_A');
     await input('/name').fill('Plant A devices');
     await input('/path').fill('devices');
@@ -127,8 +160,12 @@ describe('admin UI in Chromium', { timeout: 110_000 }, () => {
     await field('/userName').waitFor({ state: 'visible' });
     await field('/anonymous').locator('input').check();
     await field('/userName').waitFor({ state: 'hidden' });
+    // The nested WebSocket settings render as their own fieldset; one value set is stored alone.
+    await field('/websocket').locator('legend', { hasText: 'WebSocket settings' }).waitFor();
+    await input('/websocket/idleTimeoutSeconds').fill('600');
     await page.locator('button[type=submit]').click();
     await heading('Plant A devices');
+    await page.locator('.definition-list dd', { hasText: 'idleTimeoutSeconds: 600' }).waitFor();
     const url = await page.locator('.field', { hasText: 'Device URL' }).locator('input').inputValue();
     assert.equal(url, `${server.base.replace('http', 'ws')}/devices`);
     await page.locator('.stats .badge', { hasText: 'running' }).waitFor();
@@ -205,6 +242,62 @@ describe('admin UI in Chromium', { timeout: 110_000 }, () => {
     await screenshot(page, '11-live');
   });
 
+  it('pages stored telemetry newest first, by time range and device, with "Older messages"', async () => {
+    // A store and a route to it (through the API: their forms are covered above).
+    const created = await page.evaluate(async () => {
+      const post = (kind, body) => fetch(`/api/v1/${kind}`, {
+        method: 'POST', headers: { 'Content-Type': 'application/json', Accept: 'application/json' }, body: JSON.stringify(body),
+      }).then((r) => r.status);
+      return [
+        await post('downstreams', { key: 'kept', name: 'Kept telemetry', type: 'store' }),
+        await post('routes', { key: 'all-to-kept', name: 'Everything is kept', downstreams: ['kept'] }),
+      ];
+    });
+    assert.deepEqual(created, [201, 201]);
+    // 55 messages from the device: more than one page of 50.
+    const program = writeArtifact('device-55.mjs', [
+      'import WebSocket from "ws";',
+      `const socket = new WebSocket(${JSON.stringify(`${server.base.replace('http', 'ws')}/devices`)});`,
+      'socket.on("open", () => {',
+      `  for (let seq = 1; seq <= 55; seq++) socket.send(JSON.stringify({ deviceId: "thermo-1", accessKey: ${JSON.stringify(state.accessKey)}, seq }));`,
+      '  setTimeout(() => socket.close(), 500);',
+      '});',
+      'socket.on("message", (m) => { console.log(String(m)); process.exitCode = 1; });',
+    ].join('\n'));
+    assert.equal((await runNode(program)).code, 0);
+    await page.waitForFunction(async () => (await (await fetch('/api/v1/telemetry?limit=100')).json()).items.length === 55, null, { timeout: WAIT });
+
+    await nav('Stored telemetry');
+    await heading('Stored telemetry');
+    const rows = page.locator('table.table-telemetry tbody tr');
+    await page.waitForFunction(() => document.querySelectorAll('table.table-telemetry tbody tr').length === 50, null, { timeout: WAIT });
+    // Newest first: the first row is the last message sent.
+    assert.match(await rows.first().innerText(), /"seq": ?55/);
+    const older = page.locator('.pager button', { hasText: 'Older messages' });
+    assert.equal(await older.isVisible(), true);
+    await older.click();
+    await page.waitForFunction(() => document.querySelectorAll('table.table-telemetry tbody tr').length === 55, null, { timeout: WAIT });
+    assert.match(await rows.last().innerText(), /"seq": ?1\b/);
+    assert.equal(await older.isVisible(), false, 'no older page after the last');
+    await screenshot(page, '11b-stored-telemetry');
+
+    // A time range that ends before anything was stored: nothing; cleared: everything again.
+    await page.locator('input[type=datetime-local][title^="To"]').fill('2020-01-01T00:00:00');
+    await page.locator('form.toolbar button[type=submit]', { hasText: 'Filter' }).click();
+    await page.locator('.empty', { hasText: 'No stored messages' }).waitFor();
+    await page.locator('input[type=datetime-local][title^="To"]').fill('');
+    await page.locator('input[type=datetime-local][title^="From"]').fill('2020-01-01T00:00:00');
+    await page.getByLabel('Device id').fill('thermo-1');
+    await page.locator('form.toolbar button[type=submit]', { hasText: 'Filter' }).click();
+    await page.waitForFunction(() => document.querySelectorAll('table.table-telemetry tbody tr').length === 50, null, { timeout: WAIT });
+    const exportHref = await page.locator('a', { hasText: 'Export CSV' }).getAttribute('href');
+    assert.match(exportHref, /deviceId=thermo-1/);
+    assert.match(exportHref, /format=csv/);
+    await page.getByLabel('Device id').fill('nobody');
+    await page.locator('form.toolbar button[type=submit]', { hasText: 'Filter' }).click();
+    await page.locator('.empty', { hasText: 'No stored messages' }).waitFor();
+  });
+
   it('lists a message with a wrong key in Dead letters', async () => {
     const program = state.nodeExample
       .replace(/const DEVICE_ID = "[^"]*";/, 'const DEVICE_ID = "thermo-1";')
@@ -226,12 +319,120 @@ describe('admin UI in Chromium', { timeout: 110_000 }, () => {
     await nav('Listeners');
     const row = page.locator('tr[data-key="plant-a"]');
     await row.locator('.badge', { hasText: 'running' }).waitFor();
-    // Counters come from the 2-second status poll: three received, two accepted, one rejected.
-    await page.waitForFunction(() => /3 received\s*2 accepted · 1 rejected/.test(document.querySelector('tr[data-key="plant-a"]')?.innerText ?? ''), null, { timeout: WAIT });
+    // Counters come from the 2-second status poll: 58 received (55 from the stored-telemetry test),
+    // 57 accepted, one rejected.
+    await page.waitForFunction(() => /58 received\s*57 accepted · 1 rejected/.test(document.querySelector('tr[data-key="plant-a"]')?.innerText ?? ''), null, { timeout: WAIT });
     await screenshot(page, '13-listeners');
     await nav('Devices');
     await page.locator('tr[data-device-id="thermo-1"]').waitFor();
     await screenshot(page, '14-devices');
+  });
+
+  it('shows a device offline with its presence events, and sends it a message', async () => {
+    const row = page.locator('tr[data-device-id="thermo-1"]');
+    await row.locator('.badge', { hasText: 'offline' }).waitFor();
+    await row.locator('button', { hasText: 'Details' }).click();
+    const dialog = page.locator('dialog');
+    await dialog.waitFor();
+    // The example program connected, sent, and closed: newest first.
+    const events = dialog.locator('.presence-events li');
+    await events.first().waitFor();
+    assert.equal(await events.first().getAttribute('data-type'), '$disconnected');
+    assert.equal(await events.last().getAttribute('data-type'), '$connected');
+    await dialog.locator('p', { hasText: 'No open connection.' }).waitFor();
+    // Offline: refused, unless queued for the next connection.
+    await dialog.locator('textarea[name=message]').fill('{"setpoint": 19}');
+    await dialog.locator('button[type=submit]', { hasText: 'Send' }).click();
+    await dialog.locator('.send-message [role=status]', { hasText: 'has no open connection' }).waitFor();
+    await dialog.locator('input[name=queue]').check();
+    await dialog.locator('button[type=submit]', { hasText: 'Send' }).click();
+    await dialog.locator('.send-message [role=status]', { hasText: 'waits for its next connection' }).waitFor();
+    await screenshot(page, '14b-device-details');
+    await page.keyboard.press('Escape');
+    await dialog.waitFor({ state: 'detached' });
+  });
+
+  it("gives a device's client URL with a connection token, and the URL connects as it is", async () => {
+    // A token sentinel through its schema form: the token fields follow the method.
+    await nav('Sentinels');
+    await heading('Sentinels');
+    await page.locator('.page-actions a', { hasText: 'New sentinel' }).click();
+    await heading('New sentinel');
+    await input('/key').fill('client-tokens');
+    await input('/name').fill('Client tokens');
+    assert.equal(await field('/audience').isVisible(), false, 'token fields show for the token method only');
+    await field('/method').locator('label', { hasText: 'Connection token (JWT)' }).click();
+    await field('/audience').waitFor({ state: 'visible' });
+    assert.equal(await field('/deviceId').isVisible(), false);
+    await page.locator('button[type=submit]', { hasText: 'Create sentinel' }).click();
+    await page.locator('tr[data-key="client-tokens"]').waitFor();
+    // A listener behind it (through the API, as the listener form is covered above).
+    const created = await page.evaluate(async () => (await fetch('/api/v1/listeners', {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json', Accept: 'application/json' },
+      body: JSON.stringify({
+        key: 'pubsub', name: 'Web PubSub clients', listenerType: 'websocket', mode: 'server',
+        contentType: 'json', path: '/pubsub', anonymous: true, sentinel: 'client-tokens',
+        protocol: 'webpubsub',
+      }),
+    })).status);
+    assert.equal(created, 201);
+
+    await nav('Devices');
+    const row = page.locator('tr[data-device-id="thermo-1"]');
+    await row.locator('button', { hasText: 'Client URL' }).click();
+    const dialog = page.locator('dialog');
+    await dialog.locator('h2', { hasText: 'Client URL for thermo-1' }).waitFor();
+    await dialog.locator('select').selectOption('pubsub');
+    await dialog.locator('.choice', { hasText: 'Send to any group' }).click();
+    await dialog.getByLabel('Join or leave only these groups').fill('alerts');
+    await dialog.getByLabel('Groups joined at connect').fill('alerts, hall');
+    await dialog.getByLabel('Expires in (minutes)').fill('30');
+    await dialog.locator('button[type=submit]', { hasText: 'Get URL' }).click();
+    const urlField = dialog.locator('.field', { hasText: 'Client URL' }).locator('input');
+    await urlField.waitFor();
+    const url = await urlField.inputValue();
+    const wsBase = server.base.replace(/^http/, 'ws');
+    assert.ok(url.startsWith(`${wsBase}/pubsub?access_token=`), url);
+    assert.equal(await dialog.locator('.client-url button', { hasText: 'Copy' }).count(), 1, 'a copy button');
+    await screenshot(page, '14b-device-client-url');
+
+    // The token carries what the form asked for.
+    const claims = JSON.parse(Buffer.from(new URL(url).searchParams.get('access_token').split('.')[1], 'base64url').toString());
+    assert.equal(claims.sub, 'thermo-1');
+    assert.deepEqual(claims.role, ['webpubsub.sendToGroup', 'webpubsub.joinLeaveGroup.alerts']);
+    assert.deepEqual(claims['webpubsub.group'], ['alerts', 'hall']);
+    assert.ok(Math.abs(claims.exp - Date.now() / 1000 - 1800) < 10, `exp ${claims.exp}`);
+
+    // A WebSocket client connects with the URL as it is; a changed token is refused with 401.
+    const { WebSocket } = await import('ws');
+    const opened = await new Promise((resolve) => {
+      const socket = new WebSocket(url);
+      socket.on('open', () => { socket.close(); resolve('open'); });
+      socket.on('unexpected-response', (_, response) => resolve(`HTTP ${response.statusCode}`));
+      socket.on('error', (error) => resolve(`error ${error.message}`));
+    });
+    assert.equal(opened, 'open');
+    const refused = await new Promise((resolve) => {
+      const [header, payload] = new URL(url).searchParams.get('access_token').split('.');
+      const socket = new WebSocket(`${wsBase}/pubsub?access_token=${header}.${payload}.bm90LXRoZS1zaWduYXR1cmU`);
+      socket.on('open', () => { socket.close(); resolve('open'); });
+      socket.on('unexpected-response', (_, response) => resolve(`HTTP ${response.statusCode}`));
+      socket.on('error', (error) => resolve(`error ${error.message}`));
+    });
+    assert.equal(refused, 'HTTP 401');
+
+    // The browser itself, as the Web PubSub docs' HTML sample does: the URL and the sub-protocol.
+    const greeting = await page.evaluate((clientUrl) => new Promise((resolve) => {
+      const socket = new WebSocket(clientUrl, 'json.webpubsub.azure.v1');
+      socket.onmessage = (event) => { socket.close(); resolve(JSON.parse(event.data)); };
+      socket.onerror = () => resolve({ error: 'the browser could not connect' });
+    }), url);
+    assert.equal(greeting.type, 'system', JSON.stringify(greeting));
+    assert.equal(greeting.event, 'connected');
+    assert.equal(greeting.userId, 'thermo-1');
+    await dialog.locator('button', { hasText: 'Close' }).first().click();
+    await dialog.waitFor({ state: 'detached' });
   });
 
   it('edits the listener to Basic credentials without ever showing the password', async () => {
@@ -257,6 +458,77 @@ describe('admin UI in Chromium', { timeout: 110_000 }, () => {
     assert.equal(await input('/password').inputValue(), '');
     assert.match(await input('/password').getAttribute('placeholder'), /Leave empty to keep/);
     await screenshot(page, '15-listener-edit-basic');
+  });
+
+  it('adds a user, creates an API token shown once, and shows both in the audit log', async () => {
+    await nav('Users');
+    await heading('Users');
+    await page.locator('tr[data-user="admin"]').waitFor();
+    await page.locator('.page-actions button', { hasText: 'Add user' }).click();
+    await page.locator('dialog h2', { hasText: 'Add a user' }).waitFor();
+    await input('/userName').fill('vera');
+    await input('/password').fill('short');
+    await page.locator('dialog button[type=submit]', { hasText: 'Add user' }).click();
+    await field('/password').locator('.field-error, [role=alert]').first().waitFor();
+    await input('/password').fill(state.veraPassword = 'vera-password-1234');
+    await page.locator('dialog button[type=submit]', { hasText: 'Add user' }).click();
+    await page.locator('tr[data-user="vera"] td[data-role="viewer"]').waitFor();
+    await screenshot(page, '18-users');
+
+    await nav('API tokens');
+    await heading('API tokens');
+    await page.locator('.page-actions button', { hasText: 'Create token' }).click();
+    await input('/name').fill('grafana');
+    await page.locator('dialog button[type=submit]', { hasText: 'Create token' }).click();
+    await page.locator('dialog h2', { hasText: 'Token created' }).waitFor();
+    const token = await page.locator('dialog input[readonly]').inputValue();
+    assert.match(token, /^iotg_[A-Za-z0-9_-]{40,}$/);
+    await screenshot(page, '19-token-shown-once');
+    await page.locator('dialog button', { hasText: 'I have stored the token' }).click();
+    await page.locator('tr[data-token="grafana"]').waitFor();
+    assert.equal(await page.locator('main').getByText(token).count(), 0, 'the token is listed after creation');
+    // The token works on its own, from outside the browser.
+    const me = await fetch(`${server.base}/api/v1/auth/me`, { headers: { authorization: `Bearer ${token}` } }).then((r) => r.json());
+    assert.equal(me.tokenName, 'grafana');
+
+    await nav('Audit log');
+    await heading('Audit log');
+    await page.locator('tr[data-action="user.create"]', { hasText: 'vera' }).waitFor();
+    await page.locator('tr[data-action="token.create"]').waitFor();
+    await page.locator('main select').selectOption('auth.login');
+    await page.locator('tr[data-action="auth.login"]', { hasText: 'failed' }).first().waitFor();
+    await screenshot(page, '20-audit-log');
+  });
+
+  it('lets a viewer change her password, without the admin screens', async () => {
+    const context = await browser.newContext({ viewport: { width: 1280, height: 860 } });
+    const viewer = await context.newPage();
+    viewer.setDefaultTimeout(WAIT);
+    viewer.on('pageerror', (error) => pageErrors.push(`viewer page error: ${error.message}`));
+    const signIn = async (password) => {
+      await viewer.goto(`${server.base}/`);
+      await viewer.fill('input[name=username]', 'vera');
+      await viewer.fill('input[name=password]', password);
+      await viewer.press('input[name=password]', 'Enter');
+      await viewer.locator('main h1', { hasText: 'Listeners' }).waitFor();
+    };
+    await signIn(state.veraPassword);
+    const links = await viewer.locator('nav[aria-label="Main"] a').allTextContents();
+    assert.ok(links.includes('API tokens') && !links.includes('Users') && !links.includes('Audit log'), links.join(', '));
+    await viewer.locator('.sidebar button', { hasText: 'Change password' }).click();
+    const vfield = (pointer) => viewer.locator(`dialog .schema-form [data-pointer="${pointer}"] input`);
+    await vfield('/currentPassword').fill('not-her-password');
+    await vfield('/newPassword').fill('veras-new-password');
+    await viewer.locator('dialog button[type=submit]').click();
+    await viewer.locator('dialog [data-pointer="/currentPassword"]', { hasText: 'wrong' }).waitFor();
+    await vfield('/currentPassword').fill(state.veraPassword);
+    await viewer.locator('dialog button[type=submit]').click();
+    await viewer.locator('.toast', { hasText: 'Password changed' }).waitFor();
+    await screenshot(viewer, '21-viewer-password-changed');
+    await viewer.locator('.sidebar button', { hasText: 'Sign out' }).click();
+    await viewer.locator('form.login-form').waitFor();
+    await signIn('veras-new-password');
+    await context.close();
   });
 
   it('fits a phone screen', async () => {

@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
 
     let reference = serde_json::from_slice::<serde_json::Value>(data).ok();
     match (
-        Pipeline::decode(ContentType::Json, bytes.clone()),
+        Pipeline::decode(ContentType::Json, true, bytes.clone()),
         reference,
     ) {
         (Ok(Payload::Json(v)), Some(r)) => {
@@ -25,14 +25,14 @@ fuzz_target!(|data: &[u8]| {
         (Err(rejection), None) => {
             assert_eq!(rejection.code, RejectionCode::MalformedJson);
             // The error frame sent to the device is itself valid JSON.
-            let frame: serde_json::Value = serde_json::from_str(&rejection.to_frame()).unwrap();
+            let frame: serde_json::Value = serde_json::from_str(&rejection.to_frame(None)).unwrap();
             assert_eq!(frame["error"]["code"], "malformed_json");
         }
         (other, reference) => panic!("json decode {other:?} vs serde_json {reference:?}"),
     }
 
     match (
-        Pipeline::decode(ContentType::Text, bytes.clone()),
+        Pipeline::decode(ContentType::Text, true, bytes.clone()),
         std::str::from_utf8(data),
     ) {
         (Ok(Payload::Text(text)), Ok(reference)) => {
@@ -46,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
         (other, reference) => panic!("text decode {other:?} vs from_utf8 {reference:?}"),
     }
 
-    match Pipeline::decode(ContentType::Binary, bytes) {
+    match Pipeline::decode(ContentType::Binary, false, bytes.clone()) {
         Ok(Payload::Binary(b)) => {
             assert_eq!(&b[..], data);
             let json = Payload::Binary(b).to_json();
@@ -56,5 +56,10 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(decoded, data);
         }
         other => panic!("binary decode {other:?}"),
+    }
+
+    // MessagePack: a value or a refusal with its code, never a panic.
+    if let Err(rejection) = Pipeline::decode(ContentType::Msgpack, false, bytes) {
+        assert_eq!(rejection.code, RejectionCode::MalformedMsgpack);
     }
 });

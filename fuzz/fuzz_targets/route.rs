@@ -103,9 +103,10 @@ fn definition(r: &Route) -> RouteDefinition {
             .message_type
             .as_ref()
             .map(|(p, values)| MessageTypeSelector {
-                pointer: POINTERS[*p as usize % POINTERS.len()].to_owned(),
+                pointer: Some(POINTERS[*p as usize % POINTERS.len()].to_owned()),
                 values: values.iter().map(Scalar::get).collect(),
             }),
+        device_identity: None,
         downstreams: r.downstreams.iter().map(Word::get).collect(),
         enabled: r.enabled,
     }

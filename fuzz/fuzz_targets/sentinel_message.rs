@@ -21,7 +21,7 @@ fn fixture() -> &'static Fixture {
 
 fuzz_target!(|data: &[u8]| {
     let Ok(Payload::Json(message)) =
-        Pipeline::decode(ContentType::Json, Bytes::copy_from_slice(data))
+        Pipeline::decode(ContentType::Json, true, Bytes::copy_from_slice(data))
     else {
         return;
     };

@@ -8,6 +8,11 @@
 //! server said.
 #![allow(dead_code)]
 
+pub mod hook;
+pub mod postgres;
+#[allow(unused_imports)]
+pub use hook::*;
+
 use std::future::Future;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -34,7 +39,7 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default time to wait for something asynchronous (a message to arrive, a state to change).
 pub const WAIT: Duration = Duration::from_secs(15);
 
-const LISTENING_PREFIX: &str = "iotgate listening on http://";
+const LISTENING_PREFIX: &str = "iotgate listening on ";
 pub const GENERATED_PASSWORD_PREFIX: &str = "generated admin password: ";
 
 /// Installs the ring crypto provider once per process (rustls needs one chosen).
@@ -44,6 +49,18 @@ pub fn install_crypto() {
 
 pub fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// Percent-encodes a query-string value (RFC 3986 unreserved characters stay).
+pub fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// `Basic base64(user:pass)`.
@@ -58,6 +75,8 @@ pub fn basic(user: &str, pass: &str) -> String {
 struct Spawned {
     child: Child,
     port: u16,
+    /// `http`, or `https` when the main port serves TLS.
+    scheme: String,
 }
 
 /// Extra command-line arguments and environment variables for the server process (kept across
@@ -74,6 +93,10 @@ impl ServerOptions {
     }
     pub fn arg(mut self, a: impl Into<String>) -> Self {
         self.args.push(a.into());
+        self
+    }
+    pub fn args<const N: usize>(mut self, args: [&str; N]) -> Self {
+        self.args.extend(args.iter().map(|a| a.to_string()));
         self
     }
     pub fn env(mut self, name: &str, value: impl Into<String>) -> Self {
@@ -102,6 +125,15 @@ fn spawn_server(
         "IOTGATE_DATABASE_URL",
         "IOTGATE_LOG_FORMAT",
         "IOTGATE_TLS_CA_FILE",
+        "IOTGATE_TRUSTED_PROXIES",
+        "IOTGATE_TLS_CERT_FILE",
+        "IOTGATE_TLS_KEY_FILE",
+        "IOTGATE_METRICS_PUBLIC",
+        "IOTGATE_METRICS_BIND",
+        "IOTGATE_AUDIT_RETENTION_DAYS",
+        "IOTGATE_AUTH_FAILURES_PER_IP",
+        "IOTGATE_SECRET_FILE",
+        "IOTGATE_BUS_URL",
     ] {
         cmd.env_remove(var);
     }
@@ -157,14 +189,22 @@ fn spawn_server(
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => {
-                if let Some(rest) = line.trim().strip_prefix(LISTENING_PREFIX) {
+                if let Some((scheme, rest)) = line
+                    .trim()
+                    .strip_prefix(LISTENING_PREFIX)
+                    .and_then(|url| url.split_once("://"))
+                {
                     let port = rest
                         .trim_end_matches('/')
                         .rsplit(':')
                         .next()
                         .and_then(|p| p.parse::<u16>().ok())
                         .unwrap_or_else(|| panic!("cannot parse the port from {line:?}"));
-                    return Spawned { child, port };
+                    return Spawned {
+                        child,
+                        port,
+                        scheme: scheme.to_owned(),
+                    };
                 }
             }
             Err(e) => {
@@ -186,7 +226,7 @@ fn spawn_server(
 pub struct TestServer {
     /// The main HTTP/WebSocket port (read from the listening line).
     pub port: u16,
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https://` when the main port serves TLS).
     pub base_url: String,
     pub child: Option<Child>,
     pub data_dir: PathBuf,
@@ -206,6 +246,8 @@ pub struct TestServer {
     /// Plain client: no cookie store, 30 s timeout.
     pub http: reqwest::Client,
     token: Mutex<Option<String>>,
+    /// The PostgreSQL database of this server (`IOTGATE_TEST_ENGINE=postgres`), dropped with it.
+    pub database: Option<Arc<postgres::TestDatabase>>,
 }
 
 impl TestServer {
@@ -234,6 +276,16 @@ impl TestServer {
         options: ServerOptions,
     ) -> Self {
         install_crypto();
+        let names_database = options.args.iter().any(|a| a.starts_with("--database-url"))
+            || options
+                .env
+                .iter()
+                .any(|(name, _)| name == "IOTGATE_DATABASE_URL");
+        let database = if postgres::engine_is_postgres() && !names_database {
+            Some(Arc::new(postgres::TestDatabase::create().await))
+        } else {
+            None
+        };
         let (tmp, data_dir) = match dir {
             Some(d) => (None, d),
             None => {
@@ -259,6 +311,7 @@ impl TestServer {
                 .build()
                 .expect("http client"),
             token: Mutex::new(None),
+            database,
         };
         server.spawn().await;
         server
@@ -269,7 +322,17 @@ impl TestServer {
         self.stdout_mark = self.stdout.lock().unwrap().len();
         let dir = self.data_dir.clone();
         let pw = self.env_password.clone();
-        let extra = self.options.clone();
+        let mut extra = self.options.clone();
+        // The test's own PostgreSQL database, on every (re)start, whatever options a test sets
+        // later, unless they name a database themselves.
+        let names_database = extra.args.iter().any(|a| a.starts_with("--database-url"))
+            || extra
+                .env
+                .iter()
+                .any(|(name, _)| name == "IOTGATE_DATABASE_URL");
+        if let (Some(database), false) = (&self.database, names_database) {
+            extra = extra.env("IOTGATE_DATABASE_URL", database.url.clone());
+        }
         let (out, err) = (self.stdout.clone(), self.stderr.clone());
         let spawned = tokio::task::spawn_blocking(move || {
             spawn_server(&dir, pw.as_deref(), &extra, out, err)
@@ -277,7 +340,16 @@ impl TestServer {
         .await
         .expect("spawn task");
         self.port = spawned.port;
-        self.base_url = format!("http://127.0.0.1:{}", spawned.port);
+        self.base_url = format!("{}://127.0.0.1:{}", spawned.scheme, spawned.port);
+        if spawned.scheme == "https" {
+            // Tests of TLS check the certificate with clients of their own; the harness's client
+            // only needs to reach the API.
+            self.http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .danger_accept_invalid_certs(true)
+                .build()
+                .expect("http client");
+        }
         self.child = Some(spawned.child);
         *self.token.lock().unwrap() = None;
     }
@@ -311,6 +383,35 @@ impl TestServer {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("server running").id()
+    }
+
+    /// SIGKILL (a crash: nothing is flushed, no connection is closed cleanly) and reap it.
+    pub fn kill_hard(&mut self) {
+        let mut child = self.child.take().expect("server is running");
+        child.kill().expect("SIGKILL the server");
+        let _ = child.wait();
+        self.stderr
+            .lock()
+            .unwrap()
+            .push_str("\n======== harness: iotgate killed with SIGKILL ========\n");
+    }
+
+    /// The SQLite database of this server's data directory.
+    /// The URL of the database this server runs on (SQLite file or its PostgreSQL database).
+    pub fn database_url(&self) -> String {
+        match &self.database {
+            Some(database) => database.url.clone(),
+            None => format!("sqlite://{}", self.database_path().display()),
+        }
+    }
+
+    /// A direct connection to this server's database, whichever the engine.
+    pub async fn database_connection(&self) -> postgres::DirectConnection {
+        postgres::DirectConnection::connect(&self.database_url()).await
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("iotgate.db")
     }
 
     /// SIGTERM, wait (≤ 30 s) for the exit and assert it is a success. Returns the exit status.
@@ -389,6 +490,23 @@ impl TestServer {
             .expect("login request");
         let (status, body) = body_json(resp).await;
         assert_eq!(status, StatusCode::OK, "login failed: {body}");
+        body["token"]
+            .as_str()
+            .expect("token in login response")
+            .to_string()
+    }
+
+    /// Logs in as `user` (asserting 200) and returns the session token.
+    pub async fn login_as(&self, user: &str, password: &str) -> String {
+        let resp = self
+            .http
+            .post(self.url("/api/v1/auth/login"))
+            .json(&json!({"userName": user, "password": password}))
+            .send()
+            .await
+            .expect("login request");
+        let (status, body) = body_json(resp).await;
+        assert_eq!(status, StatusCode::OK, "login as {user} failed: {body}");
         body["token"]
             .as_str()
             .expect("token in login response")
@@ -577,11 +695,12 @@ impl TestServer {
         }
     }
 
-    /// `GET /metrics` (no authentication).
+    /// `GET /metrics` (with the admin token: metrics are not public by default).
     pub async fn metrics(&self) -> String {
         let resp = self
             .http
             .get(self.url("/metrics"))
+            .bearer_auth(self.token().await)
             .send()
             .await
             .expect("GET /metrics");
@@ -726,6 +845,98 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
         }
     }
     found
+}
+
+/// An RFC 3339 time `days` from now (e.g. an API token's expiry).
+pub fn in_days(days: i64) -> String {
+    (time::OffsetDateTime::now_utc() + time::Duration::days(days))
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("RFC 3339 formatting")
+}
+
+/// A loopback port that was free a moment ago (for a flag that needs a fixed port).
+/// Waits for the close frame; returns its code and reason.
+pub async fn close_of(ws: &mut Ws, within: Duration) -> (u16, String) {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, futures_util::StreamExt::next(ws)).await {
+            Ok(Some(Ok(tungstenite::Message::Close(Some(frame))))) => {
+                return (u16::from(frame.code), frame.reason.to_string())
+            }
+            Ok(Some(Ok(tungstenite::Message::Close(None)))) => {
+                panic!("a close frame without a code")
+            }
+            Ok(Some(Ok(_))) => continue,
+            Ok(other) => panic!("the connection ended without a close frame: {other:?}"),
+            Err(_) => panic!("no close frame within {within:?}"),
+        }
+    }
+}
+
+/// The next text frame as JSON (pings and pongs skipped), within 5 s.
+pub async fn next_text_json(ws: &mut Ws) -> Value {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), futures_util::StreamExt::next(ws)).await
+        {
+            Ok(Some(Ok(tungstenite::Message::Text(text)))) => {
+                return serde_json::from_str(&text).expect("a JSON text frame")
+            }
+            Ok(Some(Ok(tungstenite::Message::Ping(_) | tungstenite::Message::Pong(_)))) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// The repository's root (where the test helpers and scripts live).
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Python of the client-library virtualenv (websockets, msgpack), made (or reused) by
+/// `tests/python-clients/setup.sh`; panics with the script's output when it fails.
+pub fn python_clients() -> std::path::PathBuf {
+    let root = repo_root();
+    let out = std::process::Command::new("bash")
+        .arg(root.join("tests/python-clients/setup.sh"))
+        .output()
+        .expect("run tests/python-clients/setup.sh");
+    assert!(
+        out.status.success(),
+        "tests/python-clients/setup.sh failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    root.join("target/python-clients-venv/bin/python")
+}
+
+/// Closes device sockets only once `listener` has read `want` messages in all: a close ends a
+/// connection's reads, so closing earlier could drop what is still in the socket.
+pub async fn close_once_read<S>(server: &TestServer, listener: &str, want: u64, sockets: Vec<S>)
+where
+    S: futures_util::Sink<tungstenite::Message> + Unpin,
+{
+    wait_until(
+        "the listener to read every message",
+        Duration::from_secs(30),
+        || async {
+            server.listener_status(listener).await["messagesReceived"]
+                .as_u64()
+                .unwrap_or(0)
+                >= want
+        },
+    )
+    .await;
+    for mut socket in sockets {
+        let _ = futures_util::SinkExt::close(&mut socket).await;
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
 }
 
 /// Polls `cond` every 50 ms until it is true; panics after `timeout`.

@@ -17,9 +17,12 @@ export class ApiError extends Error {
 /** Fired on window when any call answers 401: the session has ended. */
 export const SIGNED_OUT_EVENT = 'iotgate:signed-out';
 
-export async function request(method, path, body) {
+export async function request(method, path, body, { plainText = false } = {}) {
   const init = { method, credentials: 'same-origin', headers: { Accept: 'application/json' } };
-  if (body !== undefined) {
+  if (plainText) {
+    init.headers['Content-Type'] = 'text/plain; charset=utf-8';
+    init.body = body;
+  } else if (body !== undefined) {
     init.headers['Content-Type'] = 'application/json';
     init.body = JSON.stringify(body);
   }
@@ -54,6 +57,8 @@ export async function request(method, path, body) {
 export const api = {
   get: (path) => request('GET', path),
   post: (path, body) => request('POST', path, body ?? {}),
+  /** POST of a text/plain body (a text message to devices). */
+  postText: (path, text) => request('POST', path, text, { plainText: true }),
   put: (path, body) => request('PUT', path, body),
   patch: (path, body) => request('PATCH', path, body),
   delete: (path) => request('DELETE', path),

@@ -3,12 +3,17 @@
 // cleanup hooks (timers, sockets), navigate() and reload().
 
 import { ApiError, auth, SIGNED_OUT_EVENT } from './api.js';
+import * as account from './account.js';
+import * as audit from './audit.js';
 import { button, errorState, h, toast, uid } from './dom.js';
 import * as deadletters from './deadletters.js';
 import * as devices from './devices.js';
 import * as listeners from './listeners.js';
 import * as live from './live.js';
 import { downstreams, routes, sentinels } from './pipeline.js';
+import * as telemetry from './telemetry.js';
+import * as tokens from './tokens.js';
+import * as users from './users.js';
 
 const NAV = [
   { section: 'Pipeline', items: [
@@ -20,9 +25,17 @@ const NAV = [
   { section: 'Devices & data', items: [
     ['devices', 'Devices'],
     ['live', 'Live telemetry'],
+    ['telemetry', 'Stored telemetry'],
     ['deadletters', 'Dead letters'],
   ] },
+  { section: 'Access', items: [
+    ['users', 'Users', 'admin'],
+    ['tokens', 'API tokens'],
+    ['audit', 'Audit log', 'admin'],
+  ] },
 ];
+
+const TITLES = { telemetry: 'Stored telemetry', deadletters: 'Dead letters', tokens: 'API tokens', audit: 'Audit log' };
 
 const ROUTES = [
   ['listeners', listeners.list],
@@ -37,10 +50,15 @@ const ROUTES = [
   ]),
   ['devices', devices.screen],
   ['live', live.screen],
+  ['telemetry', telemetry.screen],
   ['deadletters', deadletters.screen],
+  ['users', users.screen],
+  ['tokens', tokens.screen],
+  ['audit', audit.screen],
 ];
 
 const root = document.getElementById('app');
+/** The signed-in user: {userName, role}. */
 let user = null;
 let current = null; // {controller, cleanups}
 let firstRender = true;
@@ -117,7 +135,7 @@ function renderLogin(message) {
       await auth.login(userInput.value.trim(), passwordInput.value);
       const me = await auth.me();
       clearInterval(lockTimer);
-      user = me.userName;
+      user = me;
       renderShell();
     } catch (e) {
       submit.textContent = 'Sign in';
@@ -162,14 +180,18 @@ function renderShell() {
     h('a', { class: 'brand', href: '#/listeners' }, h('img', { src: '/assets/logo.svg', alt: '', width: 28, height: 28 }), h('span', {}, 'iotgate')),
     h('nav', { 'aria-label': 'Main' }, NAV.map((group) => h('div', { class: 'nav-group' },
       h('p', { class: 'nav-heading' }, group.section),
-      h('ul', {}, group.items.map(([section, label]) => {
+      h('ul', {}, group.items.filter(([, , role]) => !role || user?.role === role).map(([section, label]) => {
         const link = h('a', { href: `#/${section}`, class: 'nav-link' }, label);
         navLinks.set(section, link);
         return h('li', {}, link);
       }))))),
     h('div', { class: 'sidebar-foot' },
-      h('span', { class: 'user' }, h('span', { class: 'avatar', 'aria-hidden': 'true' }, (user ?? '?').charAt(0).toUpperCase()), user),
-      button('Sign out', signOut, { small: true, kind: 'ghost' }))));
+      h('span', { class: 'user', title: `${user?.userName} (${user?.role})` },
+        h('span', { class: 'avatar', 'aria-hidden': 'true' }, (user?.userName ?? '?').charAt(0).toUpperCase()),
+        h('span', { class: 'user-name' }, user?.userName), h('span', { class: 'muted small' }, user?.role)),
+      h('div', { class: 'sidebar-foot-actions' },
+        button('Change password', () => account.changePassword(), { small: true, kind: 'ghost' }),
+        button('Sign out', signOut, { small: true, kind: 'ghost' })))));
   const setMenu = (open) => {
     menuButton.setAttribute('aria-expanded', String(open));
     sidebar.classList.toggle('open', open);
@@ -225,9 +247,10 @@ async function route() {
       else window.location.hash = hash;
     },
     reload: () => route(),
+    user,
   };
-  const label = found.section.charAt(0).toUpperCase() + found.section.slice(1);
-  document.title = `${label === 'Deadletters' ? 'Dead letters' : label} · iotgate`;
+  const label = TITLES[found.section] ?? found.section.charAt(0).toUpperCase() + found.section.slice(1);
+  document.title = `${label} · iotgate`;
   try {
     await found.screen(main, found.params, ctx);
   } catch (error) {
@@ -268,8 +291,7 @@ document.addEventListener('keydown', (event) => {
 
 async function start() {
   try {
-    const me = await auth.me();
-    user = me.userName;
+    user = await auth.me();
     renderShell();
   } catch (error) {
     if (error instanceof ApiError && error.status === 401) renderLogin();

@@ -13,6 +13,7 @@ const REASONS = {
   invalid_key: 'Wrong access key',
   sentinel_unavailable: 'Sentinel not running',
   unrouted: 'No route matched',
+  downlink_expired: 'Message to a device expired',
 };
 
 const AUTO_MS = 5000;

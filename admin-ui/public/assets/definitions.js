@@ -128,6 +128,7 @@ export function rowActions(config, item, reload) {
   }, { small: true });
   return h('div', { class: 'row-actions' },
     linkButton('Edit', `#/${config.kind}/${encodeURIComponent(item.key)}/edit`, { small: true }),
+    config.rowExtras?.(item) ?? null,
     toggle,
     button('Delete', () => confirmDelete(config, item.key, reload), { small: true, kind: 'danger-quiet' }));
 }
@@ -166,6 +167,7 @@ async function formScreen(config, main, key, ctx) {
       form.element,
       h('div', { class: 'form-actions' },
         save,
+        editing ? config.formExtras?.(stored) ?? null : null,
         linkButton('Cancel', editing && config.detailHref ? config.detailHref(key) : `#/${config.kind}`)));
     element.addEventListener('submit', async (event) => {
       event.preventDefault();

@@ -140,7 +140,15 @@ function usesDevice(p) {
   return /DEVICE_ID|ACCESS_KEY|device-/.test(all);
 }
 
+/** One origin a client may send: the first allowed one, a wildcard filled in with `app.`. */
+function exampleOrigin(listener) {
+  const allowed = Array.isArray(listener.origin) ? listener.origin : (listener.origin ? [listener.origin] : []);
+  const exact = allowed.find((o) => !o.includes('*'));
+  return exact ?? (allowed[0] ? allowed[0].replace('*.', 'app.') : null);
+}
+
 export function clientExamples(listener, sentinel, url) {
+  const origin = exampleOrigin(listener);
   const p = plan(listener, sentinel);
   p.usesDevice = usesDevice(p);
   const protocol = listener.subProtocol;
@@ -164,7 +172,7 @@ export function clientExamples(listener, sentinel, url) {
   if (p.headers.length) {
     nodeOptions.push(`  headers: { ${p.headers.map(([name, value]) => `${isIdentifier(name) ? name : JSON.stringify(name)}: ${nodeExpr(value)}`).join(', ')} },`);
   }
-  if (listener.origin) nodeOptions.push(`  origin: ${JSON.stringify(listener.origin)},`);
+  if (origin) nodeOptions.push(`  origin: ${JSON.stringify(origin)},`);
   const nodeArgs = [jsUrl(url, p.query, nodeExpr)];
   if (protocol) nodeArgs.push(JSON.stringify(protocol));
   const node = [
@@ -194,7 +202,7 @@ export function clientExamples(listener, sentinel, url) {
   const pyArgs = [`        ${pyUrl(url, p.query)},`];
   if (protocol) pyArgs.push(`        subprotocols=[${JSON.stringify(protocol)}],`);
   if (p.headers.length) pyArgs.push(`        additional_headers={${p.headers.map(([name, value]) => `${JSON.stringify(name)}: ${pyExpr(value)}`).join(', ')}},`);
-  if (listener.origin) pyArgs.push(`        origin=${JSON.stringify(listener.origin)},`);
+  if (origin) pyArgs.push(`        origin=${JSON.stringify(origin)},`);
   const python = [
     '# pip install "websockets>=14"',
     ...pyImports,
@@ -224,7 +232,7 @@ export function clientExamples(listener, sentinel, url) {
     {
       id: 'browser', label: 'Browser', file: 'JavaScript in a web page', code: browser,
       note: [browserHeaders ? 'Browsers cannot set headers on a WebSocket, so this listener needs a Node.js or Python client; the page below shows the message only.' : '',
-        listener.origin ? `The page must be served from ${listener.origin}.` : '', notes].filter(Boolean).join(' ') || null,
+        origin ? `The page must be served from an allowed origin, such as ${origin}.` : '', notes].filter(Boolean).join(' ') || null,
     },
     { id: 'node', label: 'Node.js', file: 'device.mjs', code: node, note: notes || null },
     { id: 'python', label: 'Python', file: 'device.py', code: python, note: notes || null },

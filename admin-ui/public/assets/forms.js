@@ -704,7 +704,9 @@ class ListNode extends InputNode {
   }
 
   set(value) {
-    this.input.value = Array.isArray(value) ? value.map((v) => formatLoose(v, this.itemTypes)).join(', ') : '';
+    // A field that takes one value or a list (origin) may hold a single value.
+    const list = Array.isArray(value) ? value : (value === undefined || value === null ? [] : [value]);
+    this.input.value = list.map((v) => formatLoose(v, this.itemTypes)).join(', ');
   }
 }
 

@@ -12,7 +12,7 @@ const RATE_WINDOW = 60; // seconds shown by the sparkline
 
 export async function screen(main, params, ctx) {
   main.append(pageHeader('Live telemetry', {
-    lead: 'Messages as they are routed to a WebSocket downstream. Nothing here slows devices down: a viewer that falls behind skips messages.',
+    lead: 'Messages as they are routed to a WebSocket downstream. Nothing here slows devices down: a viewer that falls behind skips messages. With several nodes, this view shows every node\'s messages only when the nodes share a bus (--bus-url); without one, only those of the node serving this page.',
   }));
   const body = h('div', {}, loadingState('Loading downstreams…'));
   main.append(body);

@@ -125,11 +125,13 @@ impl Api {
         results.into_iter().collect()
     }
 
-    /// The Prometheus text from `GET /metrics` (no authentication).
+    /// The Prometheus text from `GET /metrics` (with the admin token: it is not public by
+    /// default).
     pub async fn metrics(&self) -> Result<String> {
         let resp = self
             .http
             .get(format!("{}/metrics", self.base))
+            .bearer_auth(&self.token)
             .send()
             .await
             .context("GET /metrics")?;

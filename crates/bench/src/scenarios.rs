@@ -30,6 +30,7 @@ macro_rules! summary {
         vec![$(($key, serde_json::json!($value))),*]
     };
 }
+pub(crate) use summary;
 
 /// Renders a summary as one line of JSON with the fields in order.
 pub fn summary_line(summary: &Summary) -> String {
@@ -48,6 +49,10 @@ pub fn summary_line(summary: &Summary) -> String {
 
 /// Settings shared by the scenarios (already resolved from the command line).
 pub struct Options {
+    /// The server binary, for scenarios that start a second server or restart one.
+    pub server_bin: std::path::PathBuf,
+    /// Unacknowledged messages per connection (ack and crash scenarios).
+    pub window: usize,
     pub connections: usize,
     pub devices: usize,
     pub seconds: u64,
@@ -68,7 +73,7 @@ const BASIC_PASSWORD: &str = "bench-basic-pass-1";
 
 /// Creates sentinel `bench-keys` and the anonymous json listener `bench` at `/bench`, and waits
 /// until the listener runs.
-async fn create_device_listener(api: &Api) -> Result<()> {
+pub(crate) async fn create_device_listener(api: &Api) -> Result<()> {
     api.create(
         "sentinels",
         json!({"key": SENTINEL_KEY, "name": "Bench keys", "method": "accessKey"}),
@@ -87,7 +92,7 @@ async fn create_device_listener(api: &Api) -> Result<()> {
 }
 
 /// Creates route `bench-route` from listener `bench` to `downstreams`.
-async fn create_route(api: &Api, downstreams: &[&str]) -> Result<()> {
+pub(crate) async fn create_route(api: &Api, downstreams: &[&str]) -> Result<()> {
     api.create(
         "routes",
         json!({"key": "bench-route", "name": "Bench route", "listeners": [LISTENER_KEY],
@@ -98,7 +103,7 @@ async fn create_route(api: &Api, downstreams: &[&str]) -> Result<()> {
 }
 
 /// Registers the devices and opens the sending device connections.
-async fn open_device_connections(
+pub(crate) async fn open_device_connections(
     server: &Server,
     api: &Api,
     opts: &Options,
@@ -128,7 +133,7 @@ async fn open_device_connections(
     Ok((keys, conns, failures))
 }
 
-fn plan(opts: &Options) -> SendPlan {
+pub(crate) fn plan(opts: &Options) -> SendPlan {
     SendPlan {
         rate: opts.rate,
         in_flight: opts.in_flight,
@@ -139,7 +144,7 @@ fn plan(opts: &Options) -> SendPlan {
     }
 }
 
-fn rate_text(rate: u64) -> String {
+pub(crate) fn rate_text(rate: u64) -> String {
     if rate == 0 {
         "unlimited".to_owned()
     } else {
@@ -147,7 +152,7 @@ fn rate_text(rate: u64) -> String {
     }
 }
 
-fn first_problem(load: &DeviceLoad) -> Option<String> {
+pub(crate) fn first_problem(load: &DeviceLoad) -> Option<String> {
     load.stats
         .first_problem
         .lock()
@@ -156,14 +161,14 @@ fn first_problem(load: &DeviceLoad) -> Option<String> {
 }
 
 /// Reads the server's RSS, printing a warning instead of failing.
-fn server_rss(server: &Server) -> Option<u64> {
+pub(crate) fn server_rss(server: &Server) -> Option<u64> {
     server
         .rss_bytes()
         .map_err(|e| eprintln!("warning: cannot read the server's VmRSS: {e:#}"))
         .ok()
 }
 
-fn mib(bytes: Option<u64>) -> String {
+pub(crate) fn mib(bytes: Option<u64>) -> String {
     bytes.map_or_else(
         || "?".to_owned(),
         |b| format!("{:.1} MiB", b as f64 / 1048576.0),
@@ -215,7 +220,10 @@ pub async fn websocket(server: &Server, api: &Api, opts: &Options) -> Result<Sum
         opts.seconds
     );
 
+    tokio::time::sleep_until(timeline.window_start.into()).await;
+    let cpu_start = server.cpu_time().ok();
     tokio::time::sleep_until(timeline.end.into()).await;
+    let cpu_end = server.cpu_time().ok();
     let rss_loaded = server_rss(server);
     if !load.wait_writers_done(Duration::from_secs(30)).await {
         eprintln!("warning: some device connections were still flushing 30 s after the end");
@@ -279,6 +287,13 @@ pub async fn websocket(server: &Server, api: &Api, opts: &Options) -> Result<Sum
         "latency µs               p50 {}  p99 {}  p99.9 {}  max {}  ({} samples)",
         lat.p50, lat.p99, lat.p999, lat.max, lat.count
     );
+    let cpu_us_per_message = match (cpu_start, cpu_end) {
+        (Some(start), Some(end)) => {
+            (end - start).as_secs_f64() * 1e6 / (received_window.max(1) as f64)
+        }
+        _ => f64::NAN,
+    };
+    println!("server CPU per message   {cpu_us_per_message:.1} µs (over the measured window)");
     println!("error frames             {errors}");
     println!("connections closed       {closed} by the server during the run");
     if let Some(d) = dropped {
@@ -306,6 +321,7 @@ pub async fn websocket(server: &Server, api: &Api, opts: &Options) -> Result<Sum
         "errorFrames" => errors,
         "connectionsClosedByServer" => closed,
         "subscriberDropped" => dropped,
+        "serverCpuUsPerMessage" => (cpu_us_per_message * 10.0).round() / 10.0,
         "serverRssBytes" => rss_loaded,
     ])
 }
@@ -335,7 +351,7 @@ impl Latency {
     }
 }
 
-fn print_listener_status(status: &Value) {
+pub(crate) fn print_listener_status(status: &Value) {
     if status.is_object() {
         println!(
             "listener status          received {}  accepted {}  rejected {}  connections {}",

@@ -28,19 +28,24 @@ pub struct Server {
     pid: u32,
     /// The main port's address, parsed from the listening line (always loopback).
     pub addr: SocketAddr,
-    /// The fresh data directory; removed on drop unless kept.
-    _data_dir: tempfile::TempDir,
+    /// The data directory the server runs on.
+    pub data_dir: PathBuf,
+    /// The fresh data directory when the bench made it; removed on drop unless kept.
+    temp_dir: Option<tempfile::TempDir>,
 }
 
 impl Server {
     /// Starts `bin` with a fresh data directory and waits for `iotgate listening on http://...`.
     pub async fn start(bin: &Path, keep_data_dir: bool) -> Result<Server> {
-        if !bin.is_file() {
-            bail!(
-                "server binary {} not found: run `cargo build --release` first, or pass --server-bin",
-                bin.display()
-            );
-        }
+        Self::start_with_database(bin, keep_data_dir, None).await
+    }
+
+    /// [`Server::start`] on the database `database_url` (`None`: SQLite in the data directory).
+    pub async fn start_with_database(
+        bin: &Path,
+        keep_data_dir: bool,
+        database_url: Option<&str>,
+    ) -> Result<Server> {
         let mut data_dir = tempfile::Builder::new()
             .prefix("iotgate-bench-")
             .tempdir()
@@ -49,9 +54,58 @@ impl Server {
             data_dir.disable_cleanup(true);
             eprintln!("data directory (kept): {}", data_dir.path().display());
         }
-        let mut child = Command::new(bin)
+        let mut server = Self::launch(bin, data_dir.path(), database_url).await?;
+        server.temp_dir = Some(data_dir);
+        Ok(server)
+    }
+
+    /// A node of several sharing `database_url`, with its own fresh data directory; with
+    /// `secret_file`, it uses that server secret (copied from the first node).
+    pub async fn start_node(
+        bin: &Path,
+        database_url: &str,
+        secret_file: Option<&Path>,
+    ) -> Result<Server> {
+        let data_dir = tempfile::Builder::new()
+            .prefix("iotgate-bench-node-")
+            .tempdir()
+            .context("creating the temporary data directory")?;
+        let mut env = vec![("IOTGATE_DATABASE_URL", database_url.to_owned())];
+        if let Some(secret) = secret_file {
+            env.push(("IOTGATE_SECRET_FILE", secret.display().to_string()));
+        }
+        let mut server = Self::launch_with(bin, data_dir.path(), &env).await?;
+        server.temp_dir = Some(data_dir);
+        Ok(server)
+    }
+
+    /// Starts `bin` on an existing data directory (a restart after a crash).
+    pub async fn start_in(bin: &Path, data_dir: &Path) -> Result<Server> {
+        Self::launch(bin, data_dir, None).await
+    }
+
+    async fn launch(bin: &Path, data_dir: &Path, database_url: Option<&str>) -> Result<Server> {
+        let env: Vec<(&str, String)> = database_url
+            .map(|url| ("IOTGATE_DATABASE_URL", url.to_owned()))
+            .into_iter()
+            .collect();
+        Self::launch_with(bin, data_dir, &env).await
+    }
+
+    async fn launch_with(bin: &Path, data_dir: &Path, env: &[(&str, String)]) -> Result<Server> {
+        if !bin.is_file() {
+            bail!(
+                "server binary {} not found: run `cargo build --release` first, or pass --server-bin",
+                bin.display()
+            );
+        }
+        let mut command = Command::new(bin);
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command
             .arg("--data-dir")
-            .arg(data_dir.path())
+            .arg(data_dir)
             .arg("--bind")
             .arg("127.0.0.1:0")
             // Every simulated device shares 127.0.0.1: lift the per-address limits that would
@@ -101,8 +155,20 @@ impl Server {
             child,
             pid,
             addr,
-            _data_dir: data_dir,
+            data_dir: data_dir.to_path_buf(),
+            temp_dir: None,
         })
+    }
+
+    /// SIGKILL: a crash, with nothing flushed and no connection closed cleanly.
+    pub async fn kill(mut self) -> Result<()> {
+        self.child.kill().await.context("killing the server")?;
+        Ok(())
+    }
+
+    /// Hands the temporary data directory over (so it outlives this process handle).
+    pub fn take_temp_dir(&mut self) -> Option<tempfile::TempDir> {
+        self.temp_dir.take()
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -118,6 +184,11 @@ impl Server {
     /// The server's resident set size in bytes (VmRSS).
     pub fn rss_bytes(&self) -> Result<u64> {
         vm_rss_bytes(&PathBuf::from(format!("/proc/{}/status", self.pid)))
+    }
+
+    /// CPU time the server has used so far (user + system), from `/proc/<pid>/stat`.
+    pub fn cpu_time(&self) -> Result<Duration> {
+        process_cpu_time(self.pid)
     }
 
     /// Sends SIGTERM, waits for a graceful exit (at most 30 s, then SIGKILL) and returns the status.
@@ -140,6 +211,27 @@ impl Server {
         };
         Ok(status)
     }
+}
+
+/// CPU time a process has used so far (user + system), from `/proc/<pid>/stat`.
+pub fn process_cpu_time(pid: u32) -> Result<Duration> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let after = text
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("unexpected /proc/<pid>/stat")?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let ticks: u64 = fields
+        .get(11..13)
+        .context("short /proc/<pid>/stat")?
+        .iter()
+        .map(|f| f.parse::<u64>().unwrap_or(0))
+        .sum();
+    // USER_HZ is 100 on every Linux the bench runs on.
+    Ok(Duration::from_millis(ticks * 10))
 }
 
 /// This process's own resident set size in bytes.

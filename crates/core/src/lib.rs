@@ -8,13 +8,19 @@
 
 pub mod credentials;
 pub mod definition;
+pub mod env_subst;
 pub mod envelope;
+pub mod log_safe;
+pub mod message_id;
+pub mod origin;
 pub mod schema;
+pub mod websocket_settings;
 
 pub use definition::{
-    Definition, DefinitionKind, DownstreamDefinition, DownstreamType, ListenerDefinition,
-    ListenerMode, Locator, LocatorSource, MessageTypeSelector, RouteDefinition, SentinelDefinition,
-    SentinelMethod, SubscriberFormat,
+    AcknowledgeMode, Definition, DefinitionKind, DeviceIdentity, DownstreamDefinition,
+    DownstreamType, ListenerDefinition, ListenerMode, Locator, LocatorSource, MessageIdRule,
+    MessageTypeSelector, RouteDefinition, SentinelDefinition, SentinelMethod, SubscriberFormat,
 };
 pub use envelope::{ConnectionMetadata, ContentType, Envelope, Payload};
+pub use message_id::{InvalidMessageId, MessageId};
 pub use schema::{Problem, SchemaRegistry};

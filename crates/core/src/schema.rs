@@ -24,14 +24,21 @@ impl Problem {
     }
 }
 
-/// Schema names served at `/api/v1/schemas/{name}`; the definition kinds plus the device bodies.
-pub const SCHEMA_NAMES: [&str; 6] = [
+/// Schema names served at `/api/v1/schemas/{name}`; the definition kinds plus the device, user
+/// and API token bodies.
+pub const SCHEMA_NAMES: [&str; 12] = [
     "listener",
     "sentinel",
     "route",
     "downstream",
     "device",
     "device-patch",
+    "user",
+    "user-patch",
+    "password-change",
+    "api-token",
+    "device-token",
+    "token-secret-rotation",
 ];
 
 fn schema_source(name: &str) -> Option<&'static str> {
@@ -42,6 +49,12 @@ fn schema_source(name: &str) -> Option<&'static str> {
         "downstream" => include_str!("../../../schemas/downstream.json"),
         "device" => include_str!("../../../schemas/device.json"),
         "device-patch" => include_str!("../../../schemas/device-patch.json"),
+        "user" => include_str!("../../../schemas/user.json"),
+        "user-patch" => include_str!("../../../schemas/user-patch.json"),
+        "password-change" => include_str!("../../../schemas/password-change.json"),
+        "api-token" => include_str!("../../../schemas/api-token.json"),
+        "device-token" => include_str!("../../../schemas/device-token.json"),
+        "token-secret-rotation" => include_str!("../../../schemas/token-secret-rotation.json"),
         _ => return None,
     })
 }
@@ -116,8 +129,8 @@ impl Default for SchemaRegistry {
 /// offending property itself rather than its parent object, which is where a form shows it.
 fn describe(error: &jsonschema::ValidationError<'_>) -> Problem {
     use jsonschema::error::ValidationErrorKind;
-    let base = error.instance_path.to_string();
-    match &error.kind {
+    let base = error.instance_path().to_string();
+    match error.kind() {
         ValidationErrorKind::AdditionalProperties { unexpected } => {
             let names = unexpected.join(", ");
             let pointer = match unexpected.as_slice() {

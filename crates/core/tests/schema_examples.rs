@@ -40,3 +40,39 @@ fn schema_examples_behave_as_named() {
     }
     assert!(checked >= 16, "only {checked} examples found");
 }
+
+/// The OpenAPI document describes each definition kind by hand; it must name exactly the fields
+/// of the kind's JSON Schema, so neither can change without the other.
+#[test]
+fn openapi_documents_every_schema_field() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let openapi: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("docs/openapi.json")).unwrap())
+            .unwrap();
+    for (schema, component) in [
+        ("listener", "ListenerDefinition"),
+        ("sentinel", "SentinelDefinition"),
+        ("route", "RouteDefinition"),
+        ("downstream", "DownstreamDefinition"),
+    ] {
+        let schema: Value = serde_json::from_str(
+            &std::fs::read_to_string(root.join(format!("schemas/{schema}.json"))).unwrap(),
+        )
+        .unwrap();
+        let fields = |v: &Value| -> Vec<String> {
+            let mut names: Vec<String> = v["properties"]
+                .as_object()
+                .unwrap_or_else(|| panic!("properties in {v}"))
+                .keys()
+                .cloned()
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(
+            fields(&openapi["components"]["schemas"][component]),
+            fields(&schema),
+            "docs/openapi.json {component} vs schemas/{schema}.json"
+        );
+    }
+}

@@ -2,17 +2,24 @@
 //! the sub-protocol, Basic credentials (when not anonymous) and extra headers, and reconnects
 //! after any drop with exponential backoff and jitter. Received messages enter the pipeline like
 //! messages from a server-mode connection; rejections are answered on the same socket.
+//!
+//! The connection keeps the same rules a server-mode connection does: the `websocket` settings
+//! (opening and closing handshake timeouts, auto-ping, idle timeout, frame and message caps,
+//! failByDrop), the sentinel's `maxFailures` and the listener's `authTimeoutSeconds`. When one of
+//! the last two closes the connection, the remote is sending what the sentinel refuses, so the
+//! reconnect backs off as after a failed connect instead of starting over at once.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
 use iotgate_core::definition::ListenerDefinition;
 use iotgate_core::envelope::ConnectionMetadata;
-use iotgate_core::ContentType;
-use iotgate_pipeline::{ConnectionAuth, IngestError, ListenerContext, Pipeline, Rejection};
+use iotgate_core::log_safe::url_for_log;
+use iotgate_core::websocket_settings::EffectiveWebSocketSettings;
+use iotgate_pipeline::{ListenerContext, Pipeline, SessionCloser};
 use rand::Rng;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -22,7 +29,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::server::{Connection, CONNECTION_IDS};
+use crate::acks::{drain_step, next_outcome, AckTracker, DRAIN_LIMIT};
+use crate::connection::{handle_frame, Connection};
+use crate::server::CONNECTION_IDS;
 use crate::status::{ListenerState, ListenerStatus};
 
 const BACKOFF_START: Duration = Duration::from_millis(250);
@@ -32,6 +41,8 @@ pub struct ClientListener {
     pub definition: ListenerDefinition,
     pub context: ListenerContext,
     pub status: Arc<ListenerStatus>,
+    /// The definition's `websocket` settings with defaults and shorthands applied.
+    websocket: EffectiveWebSocketSettings,
     /// The unsealed password, only in memory, only when not anonymous.
     password: Option<String>,
     tls: Arc<rustls::ClientConfig>,
@@ -50,6 +61,9 @@ impl std::fmt::Debug for ClientListener {
 enum SessionEnd {
     Shutdown,
     Dropped(String),
+    /// iotgate closed the connection because the remote's messages broke the sentinel's rules
+    /// (maxFailures, authTimeoutSeconds): the reconnect keeps backing off.
+    Refused(String),
 }
 
 impl ClientListener {
@@ -63,6 +77,7 @@ impl ClientListener {
         shutdown: CancellationToken,
     ) -> Self {
         Self {
+            websocket: definition.websocket_settings(),
             definition,
             context,
             status,
@@ -106,6 +121,7 @@ impl ClientListener {
                 },
                 None,
             );
+            let attempts_before = attempt;
             let outcome = tokio::select! {
                 _ = self.shutdown.cancelled() => SessionEnd::Shutdown,
                 outcome = self.connect_and_serve(&url, &mut attempt) => outcome,
@@ -113,8 +129,13 @@ impl ClientListener {
             match outcome {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Dropped(error) => {
-                    tracing::warn!(listener = %self.definition.key, url = %url, error = %error, attempt, "client listener disconnected; will retry");
+                    tracing::warn!(listener = %self.definition.key, url = %url_for_log(&url), error = %error, attempt, "client listener disconnected; will retry");
                     self.status.set(ListenerState::Retrying, Some(error));
+                }
+                SessionEnd::Refused(reason) => {
+                    attempt = attempts_before;
+                    tracing::warn!(listener = %self.definition.key, url = %url_for_log(&url), reason = %reason, attempt, "client listener closed the connection: the remote's messages were refused; will retry with backoff");
+                    self.status.set(ListenerState::Retrying, Some(reason));
                 }
             }
             let delay = backoff(attempt);
@@ -133,12 +154,12 @@ impl ClientListener {
     ) -> Result<tokio_tungstenite::tungstenite::handshake::client::Request, String> {
         let mut request = url
             .into_client_request()
-            .map_err(|e| format!("invalid URL {url}: {e}"))?;
+            .map_err(|e| format!("invalid URL {}: {e}", url_for_log(url)))?;
         let headers = request.headers_mut();
         let d = &self.definition;
         let value =
             |v: &str| HeaderValue::from_str(v).map_err(|e| format!("invalid header value: {e}"));
-        if let Some(origin) = &d.origin {
+        if let Some(origin) = d.origin.as_ref().and_then(|o| o.entries().first()) {
             headers.insert("origin", value(origin)?);
         }
         if let Some(protocol) = &d.sub_protocol {
@@ -165,14 +186,17 @@ impl ClientListener {
             Ok(request) => request,
             Err(error) => return SessionEnd::Dropped(error),
         };
-        let max = self.definition.max_message_bytes;
+        let websocket = &self.websocket;
         let config = WebSocketConfig::default()
             .read_buffer_size(4096)
-            .max_message_size(Some(max))
-            .max_frame_size(Some(max));
+            .max_message_size(Some(websocket.max_message_bytes))
+            .max_frame_size(Some(websocket.max_frame_bytes));
         let connector = tokio_tungstenite::Connector::Rustls(self.tls.clone());
+        let open_timeout = websocket
+            .open_handshake_timeout
+            .unwrap_or(iotgate_core::websocket_settings::DEFAULT_CLIENT_OPEN_HANDSHAKE_TIMEOUT);
         let connected = tokio::time::timeout(
-            Duration::from_secs(15),
+            open_timeout,
             tokio_tungstenite::connect_async_tls_with_config(
                 request,
                 Some(config),
@@ -182,7 +206,12 @@ impl ClientListener {
         )
         .await;
         let (socket, _response) = match connected {
-            Err(_) => return SessionEnd::Dropped("connect timed out after 15 s".into()),
+            Err(_) => {
+                return SessionEnd::Dropped(format!(
+                    "connect and upgrade timed out after {} ms (openHandshakeTimeoutMs)",
+                    open_timeout.as_millis()
+                ))
+            }
             Ok(Err(error)) => return SessionEnd::Dropped(format!("connect failed: {error}")),
             Ok(Ok(parts)) => parts,
         };
@@ -190,10 +219,15 @@ impl ClientListener {
         let counters = &self.context.counters;
         counters.connections.inc();
         self.status.set(ListenerState::Running, None);
-        tracing::info!(url = %url, "client listener connected");
+        tracing::info!(url = %url_for_log(url), "client listener connected");
 
         let mut metadata = ConnectionMetadata::default();
         metadata.0.insert("mode".into(), "client".into());
+        // Where messages come from: the remote's URL, without query string or user info (they
+        // may carry a credential).
+        metadata
+            .0
+            .insert("__meta_source".into(), url_for_log(url).to_string());
         if let Some(p) = &self.definition.sub_protocol {
             metadata.0.insert("subProtocol".into(), p.clone());
         }
@@ -215,40 +249,135 @@ impl ClientListener {
         connection: &Connection,
     ) -> SessionEnd {
         let (mut sink, mut stream) = socket.split();
-        let mut auth = ConnectionAuth::default();
-        let heartbeat = Duration::from_secs(u64::from(self.definition.heartbeat_seconds));
-        let mut ticker = tokio::time::interval(if heartbeat.is_zero() {
+        let mut auth = self
+            .pipeline
+            .authenticate_connection(&self.context, &Default::default())
+            .unwrap_or_default();
+        let websocket = &self.websocket;
+        let ping_interval = websocket.auto_ping_interval;
+        let mut ticker = tokio::time::interval(if ping_interval.is_zero() {
             Duration::from_secs(3600)
         } else {
-            heartbeat
+            ping_interval
         });
         ticker.tick().await;
-        let mut last_seen = Instant::now();
+        let ping_payload = bytes::Bytes::from(websocket.ping_payload());
+        // Armed when a ping goes out with none outstanding; any frame from the server disarms it.
+        let mut awaiting_answer = false;
+        let ping_deadline = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(ping_deadline);
+        // Checked lazily: when it fires, the deadline moves to the last data frame plus the
+        // timeout, unless that has passed.
+        let idle_timeout = websocket.idle_timeout;
+        let mut last_data = tokio::time::Instant::now();
+        let idle_check = crate::connection::sleep_unless_zero(idle_timeout);
+        tokio::pin!(idle_check);
+        // Behind a sentinel, the remote must send one authenticated message within the
+        // deadline, as a device connection must.
+        let auth_limit = Duration::from_secs(u64::from(self.definition.auth_timeout_seconds));
+        let auth_deadline_applies = self.context.sentinel.is_some() && !auth_limit.is_zero();
+        let auth_deadline = crate::connection::sleep_unless_zero(if auth_deadline_applies {
+            auth_limit
+        } else {
+            Duration::ZERO
+        });
+        tokio::pin!(auth_deadline);
+        // A remote speaks for many devices: a registry change does not close it, but a
+        // disabled sentinel does (the listener then reconnects and is refused until it is back).
+        let closer = SessionCloser::new();
+        self.context.live.register(&closer);
+        // Addressable as this listener's connection (and as the sender a route replies to); it
+        // is bound to no one device, since the remote speaks for many.
+        let (_registration, mut downlinks) =
+            self.pipeline
+                .connections
+                .register(connection.id, self.context.key.clone(), None, None);
+        let (mut acks, mut late_answers) = match AckTracker::new(
+            &self.definition,
+            self.context.counters.clone(),
+            self.pipeline.metrics.clone(),
+        ) {
+            Some((tracker, receiver)) => (Some(tracker), Some(receiver)),
+            None => (None, None),
+        };
+        let close_timeout = websocket.close_handshake_timeout;
         loop {
+            let awaiting = acks.as_ref().is_some_and(AckTracker::awaits_answers);
+            // With maxInFlight messages unanswered, the socket is not read: TCP pushes back.
+            let may_read = acks.as_ref().is_none_or(AckTracker::can_read);
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => {
-                    let _ = sink.send(Message::Close(Some(CloseFrame { code: CloseCode::Away, reason: "listener stopped".into() }))).await;
+                    // Every message in flight is answered before the connection closes.
+                    if let Some(tracker) = acks.as_mut() {
+                        let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
+                        while let Some(frames) = drain_step(tracker, &mut late_answers, deadline).await {
+                            if send_frames(&mut sink, frames).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    close_first(&mut sink, &mut stream, CloseCode::Away, "listener stopped", close_timeout).await;
                     return SessionEnd::Shutdown;
                 }
-                _ = ticker.tick(), if !heartbeat.is_zero() => {
-                    if last_seen.elapsed() > heartbeat * 2 {
-                        return SessionEnd::Dropped("the server stopped answering pings".into());
+                cause = closer.closed() => {
+                    close_first(&mut sink, &mut stream, CloseCode::Policy, cause.as_str(), close_timeout).await;
+                    return SessionEnd::Dropped(format!("closed by iotgate: {}", cause.as_str()));
+                }
+                Some(outcome) = next_outcome(&mut late_answers), if awaiting => {
+                    let frames = acks.as_mut().map(|a| a.answer(outcome.message_id, outcome.result, outcome.received)).unwrap_or_default();
+                    if let Err(error) = send_frames(&mut sink, frames).await {
+                        return SessionEnd::Dropped(format!("send failed: {error}"));
                     }
-                    if let Err(error) = sink.send(Message::Ping(Default::default())).await {
+                }
+                _ = &mut auth_deadline, if auth_deadline_applies && !auth.authenticated => {
+                    let reason = format!("no authenticated message within {} s", auth_limit.as_secs());
+                    close_first(&mut sink, &mut stream, CloseCode::Policy, &reason, close_timeout).await;
+                    return SessionEnd::Refused(format!("{reason} (authTimeoutSeconds)"));
+                }
+                Some(downlink) = downlinks.recv() => {
+                        let frame = match downlink.plain_frame(self.context.content_type) {
+                        iotgate_pipeline::PlainFrame::Text(text) => Message::Text(text.into()),
+                        iotgate_pipeline::PlainFrame::Binary(bytes) => Message::Binary(bytes),
+                    };
+                    if let Err(error) = sink.send(frame).await {
+                        return SessionEnd::Dropped(format!("send failed: {error}"));
+                    }
+                }
+                _ = &mut ping_deadline, if awaiting_answer => {
+                    close_first(&mut sink, &mut stream, CloseCode::Away, "heartbeat timeout", close_timeout).await;
+                    return SessionEnd::Dropped(format!("the server did not answer a ping within {} s", websocket.auto_ping_timeout.as_secs()));
+                }
+                _ = &mut idle_check, if !idle_timeout.is_zero() => {
+                    let deadline = last_data + idle_timeout;
+                    if tokio::time::Instant::now() >= deadline {
+                        close_first(&mut sink, &mut stream, CloseCode::Normal, "idle timeout", close_timeout).await;
+                        return SessionEnd::Dropped(format!("no data from the server within {} s (idleTimeoutSeconds)", idle_timeout.as_secs()));
+                    }
+                    idle_check.as_mut().reset(deadline);
+                }
+                _ = ticker.tick(), if !ping_interval.is_zero() => {
+                    if !awaiting_answer {
+                        awaiting_answer = true;
+                        ping_deadline.as_mut().reset(tokio::time::Instant::now() + websocket.auto_ping_timeout);
+                    }
+                    if let Err(error) = sink.send(Message::Ping(ping_payload.clone())).await {
                         return SessionEnd::Dropped(format!("ping failed: {error}"));
                     }
                 }
-                message = stream.next() => {
-                    last_seen = Instant::now();
-                    let bytes = match message {
+                message = stream.next(), if may_read => {
+                    awaiting_answer = false;
+                    if matches!(message, Some(Ok(Message::Text(_) | Message::Binary(_)))) && !idle_timeout.is_zero() {
+                        last_data = tokio::time::Instant::now();
+                    }
+                    let (bytes, text_frame) = match message {
                         Some(Ok(Message::Text(text))) => {
                             if self.definition.echo {
                                 if let Err(error) = sink.send(Message::Text(text.clone())).await {
                                     return SessionEnd::Dropped(format!("echo failed: {error}"));
                                 }
                             }
-                            bytes::Bytes::from(text)
+                            (bytes::Bytes::from(text), true)
                         }
                         Some(Ok(Message::Binary(bytes))) => {
                             if self.definition.echo {
@@ -256,14 +385,14 @@ impl ClientListener {
                                     return SessionEnd::Dropped(format!("echo failed: {error}"));
                                 }
                             }
-                            bytes
+                            (bytes, false)
                         }
                         Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
                         Some(Ok(Message::Close(frame))) => {
                             // tungstenite queued the close reply; send it and let the server
                             // end the connection, so the closing handshake completes cleanly.
                             let _ = sink.flush().await;
-                            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                            let _ = tokio::time::timeout(close_timeout, async {
                                 while stream.next().await.is_some() {}
                             })
                             .await;
@@ -272,38 +401,104 @@ impl ClientListener {
                                 None => "the server closed the connection".into(),
                             });
                         }
-                        Some(Err(error)) => return SessionEnd::Dropped(format!("connection error: {error}")),
+                        Some(Err(error)) => {
+                            // A protocol violation by the server fails the connection: with a
+                            // close frame naming it, or with failByDrop by dropping TCP.
+                            if let Some(code) = violation_code(&error) {
+                                if !websocket.fail_by_drop {
+                                    let reason = error.to_string();
+                                    close_first(&mut sink, &mut stream, code, truncate_reason(&reason), close_timeout).await;
+                                }
+                            }
+                            return SessionEnd::Dropped(format!("connection error: {error}"));
+                        }
                         None => return SessionEnd::Dropped("the connection ended".into()),
                     };
-                    let mut envelope = connection.envelope(&self.context, bytes.len());
-                    let outcome = match Pipeline::decode(self.context.content_type, bytes) {
-                        Ok(payload) => {
-                            envelope.payload = payload;
-                            self.pipeline.ingest(&self.context, &mut auth, envelope).await
-                        }
-                        Err(rejection) => Err(self.pipeline.reject_undecodable(&self.context, &mut auth, &envelope, rejection).await),
-                    };
-                    if let Err(IngestError::Rejected { rejection, .. }) = outcome {
-                        // Failures are reported back but never close an outbound connection: the
-                        // remote server speaks for many devices.
-                        if let Err(error) = self.send_error(&mut sink, &rejection).await {
-                            return SessionEnd::Dropped(format!("send failed: {error}"));
-                        }
+                    let reply = handle_frame(&self.pipeline, &self.context, connection, &mut auth, acks.as_mut(), bytes, text_frame).await;
+                    if let Err(error) = send_frames(&mut sink, reply.frames).await {
+                        return SessionEnd::Dropped(format!("send failed: {error}"));
+                    }
+                    // The sentinel's maxFailures applies as on a device connection: the remote
+                    // keeps sending what the sentinel refuses, so iotgate hangs up and backs off.
+                    if let Some(rejection) = reply.close {
+                        let reason = format!("too many rejected messages ({})", rejection.code.as_str());
+                        close_first(&mut sink, &mut stream, CloseCode::Policy, &reason, close_timeout).await;
+                        return SessionEnd::Refused(format!("{reason} (the sentinel's maxFailures)"));
                     }
                 }
             }
         }
     }
+}
 
-    async fn send_error<S>(&self, sink: &mut S, rejection: &Rejection) -> Result<(), S::Error>
-    where
-        S: futures_util::Sink<Message> + Unpin,
-    {
-        if self.context.content_type == ContentType::Binary {
-            return Ok(());
-        }
-        sink.send(Message::Text(rejection.to_frame().into())).await
+/// Closes a connection from iotgate's side: the close frame, then up to `timeout` for the
+/// server's answer (its close frame, or the end of the connection) before TCP is dropped.
+async fn close_first<S, R>(
+    sink: &mut S,
+    stream: &mut R,
+    code: CloseCode,
+    reason: &str,
+    timeout: Duration,
+) where
+    S: futures_util::Sink<Message> + Unpin,
+    R: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    let frame = CloseFrame {
+        code,
+        reason: reason.to_owned().into(),
+    };
+    if sink.send(Message::Close(Some(frame))).await.is_err() || timeout.is_zero() {
+        return;
     }
+    let answered = tokio::time::timeout(timeout, async {
+        while let Some(message) = stream.next().await {
+            if matches!(message, Ok(Message::Close(_)) | Err(_)) {
+                return;
+            }
+        }
+    })
+    .await;
+    if answered.is_err() {
+        tracing::debug!(
+            ?timeout,
+            "the server did not answer the close frame in time; dropping the connection"
+        );
+    }
+}
+
+/// The close code for a read error that is the server's protocol violation (1002, 1007, 1009);
+/// `None` for errors of the connection itself, where no close frame can go out.
+fn violation_code(error: &tokio_tungstenite::tungstenite::Error) -> Option<CloseCode> {
+    use tokio_tungstenite::tungstenite::Error;
+    match error {
+        Error::Capacity(_) => Some(CloseCode::Size),
+        Error::Utf8 => Some(CloseCode::Invalid),
+        Error::Protocol(
+            tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        ) => None,
+        Error::Protocol(_) => Some(CloseCode::Protocol),
+        _ => None,
+    }
+}
+
+/// A close reason fits in 123 bytes; longer ones are cut at a character boundary.
+fn truncate_reason(reason: &str) -> &str {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
+/// Sends text frames in order.
+async fn send_frames<S>(sink: &mut S, frames: Vec<String>) -> Result<(), S::Error>
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    for frame in frames {
+        sink.send(Message::Text(frame.into())).await?;
+    }
+    Ok(())
 }
 
 /// Exponential backoff with full jitter in the upper half: 250 ms, 500 ms, ... up to 30 s.

@@ -8,16 +8,25 @@
 //!   exponential backoff and jitter; received messages enter the pipeline like server messages.
 //! - [`subscriber`]: admin-token WebSocket subscribers of a websocket downstream module.
 
+pub mod acks;
+pub mod attempts;
 pub mod basic_auth;
 pub mod client;
+pub mod client_address;
+mod connection;
 pub mod frame_guard;
 pub mod limits;
+pub mod own_port;
+pub mod proxy_protocol;
 pub mod server;
 pub mod status;
 pub mod subscriber;
+pub mod webpubsub;
 
-pub use basic_auth::BasicCredentialVerifier;
+pub use attempts::AttemptLimiter;
+pub use basic_auth::{BasicCredentialVerifier, BasicOutcome};
 pub use client::ClientListener;
+pub use client_address::{ClientInfo, TrustedProxies};
 pub use limits::{ConnectionLimitSettings, ConnectionLimits};
 pub use server::ServerListener;
 pub use status::{ListenerState, ListenerStatus, ListenerStatusView};

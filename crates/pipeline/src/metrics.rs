@@ -37,6 +37,16 @@ struct DownstreamLabel {
 struct ReasonLabel {
     reason: String,
 }
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AckLabels {
+    listener: String,
+    status: String,
+}
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    listener: String,
+    code: String,
+}
 
 /// Counters of one listener, shared by all its connections.
 #[derive(Clone, Debug, Default)]
@@ -45,14 +55,27 @@ pub struct ListenerCounters {
     pub received: Counter,
     pub accepted: Counter,
     pub rejected: Counter,
+    /// Acknowledgements sent, by status.
+    pub acked_accepted: Counter,
+    pub acked_stored: Counter,
+    /// Acknowledgements that said `duplicate`.
+    pub duplicates: Counter,
 }
 
 /// Counters of one downstream module.
 #[derive(Clone, Debug, Default)]
 pub struct DownstreamCounters {
     pub delivered: Counter,
+    /// Failed attempts (a batch not committed, a request not answered 2xx).
+    pub failed: Counter,
     pub queue_depth: Gauge,
     pub subscriber_dropped: Counter,
+    /// Connections re-established (nats, mqtt, websocket-client).
+    pub reconnects: Counter,
+    /// 1 while connected to the broker or server, 0 otherwise (modules that connect out).
+    pub connected: Gauge,
+    /// Publishes sent and not yet acknowledged (nats, mqtt).
+    pub in_flight: Gauge,
 }
 
 pub struct Metrics {
@@ -65,11 +88,42 @@ pub struct Metrics {
     rejected: Family<RejectionLabels, Counter>,
     routed: Family<RouteLabel, Counter>,
     delivered: Family<DownstreamLabel, Counter>,
+    delivery_failures: Family<DownstreamLabel, Counter>,
     queue_depth: Family<DownstreamLabel, Gauge>,
     subscriber_dropped: Family<DownstreamLabel, Counter>,
+    reconnects: Family<DownstreamLabel, Counter>,
+    link_connected: Family<DownstreamLabel, Gauge>,
+    in_flight: Family<DownstreamLabel, Gauge>,
     dead_lettered: Family<ReasonLabel, Counter>,
+    dead_letters_suppressed: Family<ReasonLabel, Counter>,
+    acks: Family<AckLabels, Counter>,
+    duplicates: Family<ListenerLabel, Counter>,
+    refusals: Family<RefusalLabels, Counter>,
     pub latency: Histogram,
+    /// Time from receipt to the acknowledgement (or refusal) going out.
+    pub ack_latency: Histogram,
     pub upgrade_rejected: Family<Vec<(String, String)>, Counter<u64, AtomicU64>>,
+    /// 1 while the database answers the health watcher's pings, 0 while it does not.
+    pub database_up: Gauge,
+    /// Times the database came back after the watcher found it unreachable.
+    pub database_reconnects: Counter,
+    /// 1, labelled with this process's node id: which node a scrape came from when several
+    /// share a database (each node serves its own /metrics).
+    pub node_info: Family<Vec<(String, String)>, Gauge>,
+    /// 1 while connected to the bus (`--bus-url`), 0 while not; absent without a bus.
+    pub bus_up: Gauge,
+    /// Frames for other nodes dropped because the bus queue was full.
+    pub bus_dropped: Counter,
+    /// Messages to devices taken by a connection's queue.
+    pub downlink_delivered: Counter,
+    /// Messages to devices a connection could not take (its queue was full: it does not read).
+    pub downlink_dropped: Counter,
+    /// Messages to offline devices queued for their next connection.
+    pub downlink_queued: Counter,
+    /// Queued messages that expired before the device connected (dead-lettered).
+    pub downlink_expired: Counter,
+    /// Presence events (`$connected`, `$disconnected`) of device connections.
+    pub presence_events: Family<Vec<(String, String)>, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -135,6 +189,12 @@ impl Metrics {
             "Envelopes delivered per downstream module",
             delivered.clone(),
         );
+        let delivery_failures = Family::<DownstreamLabel, Counter>::default();
+        registry.register(
+            "delivery_failures",
+            "Failed delivery attempts per downstream module (each is retried or refused)",
+            delivery_failures.clone(),
+        );
         let queue_depth = Family::<DownstreamLabel, Gauge>::default();
         registry.register(
             "queue_depth",
@@ -147,17 +207,126 @@ impl Metrics {
             "Envelopes a slow websocket subscriber missed",
             subscriber_dropped.clone(),
         );
+        let reconnects = Family::<DownstreamLabel, Counter>::default();
+        registry.register(
+            "downstream_reconnects",
+            "Connections re-established by a downstream that connects out (nats, mqtt, websocket-client)",
+            reconnects.clone(),
+        );
+        let link_connected = Family::<DownstreamLabel, Gauge>::default();
+        registry.register(
+            "downstream_connected",
+            "1 while a downstream that connects out is connected, else 0",
+            link_connected.clone(),
+        );
+        let in_flight = Family::<DownstreamLabel, Gauge>::default();
+        registry.register(
+            "downstream_in_flight",
+            "Publishes sent to a broker and not yet acknowledged",
+            in_flight.clone(),
+        );
         let dead_lettered = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "messages_dead_lettered",
             "Envelopes dead-lettered per reason",
             dead_lettered.clone(),
         );
+        let dead_letters_suppressed = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "dead_letters_suppressed",
+            "Rejections not written as dead letters because their source address exceeded its rate",
+            dead_letters_suppressed.clone(),
+        );
+        let acks = Family::<AckLabels, Counter>::default();
+        registry.register(
+            "acks",
+            "Acknowledgements sent to devices per listener and status",
+            acks.clone(),
+        );
+        let duplicates = Family::<ListenerLabel, Counter>::default();
+        registry.register(
+            "duplicates",
+            "Messages acknowledged as duplicates (a retry of a stored message) per listener",
+            duplicates.clone(),
+        );
+        let refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "refusals",
+            "Refusals sent to devices on acknowledging listeners per listener and code",
+            refusals.clone(),
+        );
+        let ack_latency = Histogram::new(exponential_buckets(0.000_01, 2.0, 22));
+        registry.register(
+            "ack_latency_seconds",
+            "Time from receipt to the acknowledgement or refusal",
+            ack_latency.clone(),
+        );
         let latency = Histogram::new(exponential_buckets(0.000_01, 2.0, 22));
         registry.register(
             "pipeline_latency_seconds",
             "Time from receipt to delivery",
             latency.clone(),
+        );
+        let database_up = Gauge::default();
+        database_up.set(1);
+        registry.register(
+            "database_up",
+            "1 while the database answers, 0 while it is unreachable (see /healthz for why)",
+            database_up.clone(),
+        );
+        let database_reconnects = Counter::default();
+        registry.register(
+            "database_reconnects",
+            "Times the database became reachable again after an outage",
+            database_reconnects.clone(),
+        );
+        let bus_up = Gauge::default();
+        registry.register(
+            "bus_up",
+            "1 while connected to the NATS bus between nodes (0 while reconnecting; 0 without --bus-url)",
+            bus_up.clone(),
+        );
+        let bus_dropped = Counter::default();
+        registry.register(
+            "bus_dropped",
+            "Live frames for other nodes dropped because the bus queue was full",
+            bus_dropped.clone(),
+        );
+        let downlink_delivered = Counter::default();
+        registry.register(
+            "downlink_delivered",
+            "Messages to devices taken by a connection's queue",
+            downlink_delivered.clone(),
+        );
+        let downlink_dropped = Counter::default();
+        registry.register(
+            "downlink_dropped",
+            "Messages to devices a connection could not take because its queue was full",
+            downlink_dropped.clone(),
+        );
+        let downlink_queued = Counter::default();
+        registry.register(
+            "downlink_queued",
+            "Messages to offline devices queued for their next connection",
+            downlink_queued.clone(),
+        );
+        let downlink_expired = Counter::default();
+        registry.register(
+            "downlink_expired",
+            "Queued messages to devices that expired before the device connected",
+            downlink_expired.clone(),
+        );
+        let presence_events = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "presence_events",
+            "Device connection events per type ($connected, $disconnected)",
+            presence_events.clone(),
+        );
+        let node_info = Family::<Vec<(String, String)>, Gauge>::default();
+        registry.register(
+            "node_info",
+            "1, labelled with the node id of the process that serves these metrics",
+            node_info.clone(),
         );
         let upgrade_rejected = Family::<Vec<(String, String)>, Counter>::default();
         registry.register(
@@ -175,11 +344,30 @@ impl Metrics {
             rejected,
             routed,
             delivered,
+            delivery_failures,
             queue_depth,
             subscriber_dropped,
+            reconnects,
+            link_connected,
+            in_flight,
             dead_lettered,
+            dead_letters_suppressed,
+            acks,
+            duplicates,
+            refusals,
             latency,
+            ack_latency,
             upgrade_rejected,
+            database_up,
+            database_reconnects,
+            node_info,
+            bus_up,
+            bus_dropped,
+            downlink_delivered,
+            downlink_dropped,
+            downlink_queued,
+            downlink_expired,
+            presence_events,
         }
     }
 
@@ -192,7 +380,29 @@ impl Metrics {
             received: self.received.get_or_create(&label).clone(),
             accepted: self.accepted.get_or_create(&label).clone(),
             rejected: self.listener_rejected.get_or_create(&label).clone(),
+            acked_accepted: self.ack_counter(key, "accepted"),
+            acked_stored: self.ack_counter(key, "stored"),
+            duplicates: self.duplicates.get_or_create(&label).clone(),
         }
+    }
+
+    fn ack_counter(&self, listener: &str, status: &str) -> Counter {
+        self.acks
+            .get_or_create(&AckLabels {
+                listener: listener.to_owned(),
+                status: status.to_owned(),
+            })
+            .clone()
+    }
+
+    /// A refusal sent on an acknowledging listener (rare: a label lookup is fine).
+    pub fn refused(&self, listener: &str, code: RejectionCode) {
+        self.refusals
+            .get_or_create(&RefusalLabels {
+                listener: listener.to_owned(),
+                code: code.as_str().to_owned(),
+            })
+            .inc();
     }
 
     pub fn downstream(&self, key: &str) -> DownstreamCounters {
@@ -201,8 +411,12 @@ impl Metrics {
         };
         DownstreamCounters {
             delivered: self.delivered.get_or_create(&label).clone(),
+            failed: self.delivery_failures.get_or_create(&label).clone(),
             queue_depth: self.queue_depth.get_or_create(&label).clone(),
             subscriber_dropped: self.subscriber_dropped.get_or_create(&label).clone(),
+            reconnects: self.reconnects.get_or_create(&label).clone(),
+            connected: self.link_connected.get_or_create(&label).clone(),
+            in_flight: self.in_flight.get_or_create(&label).clone(),
         }
     }
 
@@ -234,6 +448,14 @@ impl Metrics {
 
     pub fn dead_lettered(&self, reason: &str) -> Counter {
         self.dead_lettered
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .clone()
+    }
+
+    pub fn dead_letters_suppressed(&self, reason: &str) -> Counter {
+        self.dead_letters_suppressed
             .get_or_create(&ReasonLabel {
                 reason: reason.to_owned(),
             })

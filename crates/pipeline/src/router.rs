@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use iotgate_core::definition::DeviceIdentity;
 use iotgate_core::{Envelope, RouteDefinition};
 use prometheus_client::metrics::counter::Counter;
 use serde_json::Value;
@@ -15,7 +16,10 @@ struct CompiledRoute {
     listeners: Option<HashSet<String>>,
     device_types: Option<HashSet<String>>,
     device_ids: Option<HashSet<String>>,
-    message_type: Option<(String, Vec<Value>)>,
+    /// (payload pointer, or the envelope's message type when `None`; accepted values)
+    message_type: Option<(Option<String>, Vec<Value>)>,
+    /// Whether the envelope must be authenticated (true) or only claim its device (false).
+    authenticated: Option<bool>,
     downstreams: Vec<Arc<str>>,
     routed: Counter,
 }
@@ -29,16 +33,31 @@ fn member(set: &Option<HashSet<String>>, value: Option<&str>) -> bool {
 
 impl CompiledRoute {
     fn matches(&self, envelope: &Envelope) -> bool {
-        member(&self.listeners, Some(&envelope.listener_key))
+        // Platform events (`$connected`, `$disconnected`) go only to routes that name them: a
+        // route written for what devices send does not start receiving presence events.
+        let platform_event = envelope
+            .message_type
+            .as_deref()
+            .is_some_and(|t| t.starts_with('$'));
+        if platform_event && !matches!(&self.message_type, Some((None, _))) {
+            return false;
+        }
+        self.authenticated
+            .is_none_or(|wanted| wanted == envelope.authenticated)
+            && member(&self.listeners, Some(&envelope.listener_key))
             && member(&self.device_types, envelope.device_type.as_deref())
             && member(&self.device_ids, envelope.device_id.as_deref())
             && match &self.message_type {
                 None => true,
-                Some((pointer, values)) => envelope
+                Some((Some(pointer), values)) => envelope
                     .payload
                     .as_json()
                     .and_then(|v| v.pointer(pointer))
                     .is_some_and(|found| values.contains(found)),
+                Some((None, values)) => envelope
+                    .message_type
+                    .as_deref()
+                    .is_some_and(|found| values.iter().any(|v| v.as_str() == Some(found))),
             }
     }
 }
@@ -63,6 +82,9 @@ impl Router {
                     .message_type
                     .as_ref()
                     .map(|m| (m.pointer.clone(), m.values.clone())),
+                authenticated: d
+                    .device_identity
+                    .map(|identity| identity == DeviceIdentity::Authenticated),
                 downstreams: d
                     .downstreams
                     .iter()
@@ -110,7 +132,12 @@ mod tests {
             device_id: Some(Arc::from(device)),
             device_type: Some(Arc::from(device_type)),
             authenticated: true,
+            claimed_device_id: None,
             metadata: Arc::new(ConnectionMetadata::default()),
+            message_id: None,
+            dedup_window: None,
+            attributes: None,
+            message_type: None,
         }
     }
 
@@ -151,5 +178,30 @@ mod tests {
         );
         let keys: Vec<&str> = targets.iter().map(|k| &**k).collect();
         assert_eq!(keys, ["store"]);
+    }
+
+    #[test]
+    fn presence_events_reach_only_the_routes_that_name_them() {
+        let metrics = Metrics::new();
+        let router = Router::new(
+            &[
+                route(json!({"key": "all", "name": "a", "downstreams": ["store"]})),
+                route(
+                    json!({"key": "presence", "name": "p", "messageType": {"values": ["$connected"]}, "downstreams": ["audit"]}),
+                ),
+            ],
+            &metrics,
+        );
+        let mut connected = envelope("plant", "d1", "thermo", json!({}));
+        connected.message_type = Some(Arc::from("$connected"));
+        let mut targets = Vec::new();
+        router.select(&connected, &mut targets);
+        let keys: Vec<&str> = targets.iter().map(|k| &**k).collect();
+        assert_eq!(keys, ["audit"]);
+
+        connected.message_type = Some(Arc::from("$disconnected"));
+        targets.clear();
+        router.select(&connected, &mut targets);
+        assert!(targets.is_empty());
     }
 }

@@ -109,26 +109,26 @@ fn decode_accepts_exactly_what_each_content_type_allows() {
     check(768, bytes, |data| {
         let bytes = Bytes::from(data.clone());
         match (
-            Pipeline::decode(ContentType::Json, bytes.clone()),
+            Pipeline::decode(ContentType::Json, true, bytes.clone()),
             serde_json::from_slice::<Value>(&data),
         ) {
             (Ok(Payload::Json(v)), Ok(r)) => assert_eq!(v, r),
             (Err(rejection), Err(_)) => {
                 assert_eq!(rejection.code, RejectionCode::MalformedJson);
-                let frame: Value = serde_json::from_str(&rejection.to_frame()).unwrap();
+                let frame: Value = serde_json::from_str(&rejection.to_frame(None)).unwrap();
                 assert_eq!(frame["error"]["code"], "malformed_json");
             }
             (actual, reference) => panic!("json {actual:?} vs serde_json {reference:?}"),
         }
         match (
-            Pipeline::decode(ContentType::Text, bytes.clone()),
+            Pipeline::decode(ContentType::Text, true, bytes.clone()),
             std::str::from_utf8(&data),
         ) {
             (Ok(Payload::Text(text)), Ok(reference)) => assert_eq!(text, reference),
             (Err(rejection), Err(_)) => assert_eq!(rejection.code, RejectionCode::MalformedJson),
             (actual, reference) => panic!("text {actual:?} vs from_utf8 {reference:?}"),
         }
-        match Pipeline::decode(ContentType::Binary, bytes) {
+        match Pipeline::decode(ContentType::Binary, false, bytes.clone()) {
             Ok(Payload::Binary(b)) => {
                 assert_eq!(&b[..], &data[..]);
                 let json = Payload::Binary(b).to_json();
@@ -138,6 +138,26 @@ fn decode_accepts_exactly_what_each_content_type_allows() {
                 assert_eq!(decoded, data);
             }
             other => panic!("binary {other:?}"),
+        }
+        // Arbitrary bytes on a msgpack listener: a value or a refusal, never a panic; a text
+        // frame is always refused.
+        match Pipeline::decode(ContentType::Msgpack, false, bytes.clone()) {
+            Ok(Payload::Json(_)) => {}
+            Err(rejection) => assert_eq!(rejection.code, RejectionCode::MalformedMsgpack),
+            other => panic!("msgpack {other:?}"),
+        }
+        assert!(Pipeline::decode(ContentType::Msgpack, true, bytes).is_err());
+    });
+}
+
+/// Every JSON value encoded as MessagePack decodes back to itself on a msgpack listener.
+#[test]
+fn msgpack_carries_the_json_value_model() {
+    check(512, json_value(), |value| {
+        let packed = rmp_serde::to_vec(&value).unwrap();
+        match Pipeline::decode(ContentType::Msgpack, false, Bytes::from(packed)) {
+            Ok(Payload::Json(decoded)) => assert_eq!(decoded, value),
+            other => panic!("{value} came back as {other:?}"),
         }
     });
 }
@@ -361,7 +381,7 @@ fn a_body_credential_inside_an_array_is_stripped() {
     .unwrap();
     let sentinel = iotgate_pipeline::Sentinel::new(definition, Arc::new(Metrics::new()));
     let mut payload = Payload::Json(json!({"deviceId": "dev-1", "creds": ["key-1a"]}));
-    let device = sentinel
+    let (device, _) = sentinel
         .authenticate_message(&registry, None, &Default::default(), &mut payload)
         .expect("valid key");
     assert_eq!(&*device.device_id, "dev-1");
@@ -404,7 +424,7 @@ fn route() -> impl Strategy<Value = RouteDefinition> {
         proptest::option::weighted(
             0.3,
             (0..POINTERS.len(), vec(scalar(), 0..3)).prop_map(|(p, values)| MessageTypeSelector {
-                pointer: POINTERS[p].to_owned(),
+                pointer: Some(POINTERS[p].to_owned()),
                 values,
             }),
         ),
@@ -423,6 +443,7 @@ fn route() -> impl Strategy<Value = RouteDefinition> {
                     device_types,
                     device_ids,
                     message_type,
+                    device_identity: None,
                     downstreams,
                     enabled,
                 }

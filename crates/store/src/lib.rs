@@ -1,23 +1,43 @@
-//! Persistence for iotgate, with sqlx: definitions, the device registry, admin users and sessions,
-//! the telemetry store and dead letters, plus the server secret kept beside the database.
+//! Persistence for iotgate, with sqlx: definitions, the device registry, admin accounts (users,
+//! sessions, API tokens), the audit log,
+//! the telemetry store, dead letters and messages queued for offline devices, plus the server secret kept beside the database.
 //!
-//! SQLite is the embedded default. The SQL sticks to types and statements PostgreSQL also accepts
-//! (TEXT, BIGINT, BOOLEAN, BLOB→BYTEA aside), so a PostgreSQL backend is a second migrations
-//! folder and pool type, not a rewrite. Nothing here runs on the per-message hot path: the
+//! Two engines sit behind one [`Store`]: SQLite, the embedded default, and PostgreSQL, for
+//! several nodes sharing one database. The URL's scheme picks the engine; each has its own
+//! migrations folder (`migrations/sqlite`, `migrations/postgres`, same versions) and the queries
+//! are written once for both (see [`engine`]). Nothing here runs on the per-message hot path: the
 //! pipeline writes telemetry and dead letters in batches and keeps the registry in memory.
 
+mod accounts;
+mod audit;
+pub mod changes;
+mod downlinks;
+pub mod engine;
+mod health;
 mod records;
 mod secret;
+mod telemetry;
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Row, SqlitePool};
+use sqlx::types::Json;
 
+pub use accounts::{ApiTokenRecord, SessionRecord, TokenRecord, UserRecord};
+pub use audit::{AuditQuery, AuditRow};
+use changes::ChangedRow;
+pub use changes::{ChangeListener, NodeRecord, Received};
+pub use downlinks::QueuedDownlink;
+pub use engine::Engine;
+use engine::{on_pool, Columns, Pool};
+pub use health::DatabaseHealth;
 pub use records::*;
-pub use secret::{SecretError, ServerSecret};
+pub use secret::{SecretCheck, SecretError, ServerSecret};
+pub use telemetry::{TelemetryCursor, TelemetryQuery};
 
 /// Errors of the persistence layer.
 #[derive(Debug, thiserror::Error)]
@@ -32,21 +52,72 @@ pub enum StoreError {
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("stored JSON is corrupt")]
     Corrupt(#[from] serde_json::Error),
+    /// The database named by the URL could not be reached (or refused us) at start-up. Only the
+    /// host, port and database name are shown: the rest of a URL may hold a password.
+    #[error("cannot connect to the {engine} database `{database}` at {host}")]
+    Unreachable {
+        engine: &'static str,
+        host: String,
+        database: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("the database URL scheme is not sqlite: or postgres:")]
+    UnsupportedUrl,
+}
+
+impl StoreError {
+    /// True when the database could not be reached (connection refused or lost, no pooled
+    /// connection in time, the server shutting down): worth retrying later, not a bug.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Unreachable { .. } => true,
+            StoreError::Database(error) => match error {
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
+                // PostgreSQL: connection exceptions (08xxx), and the server or an operator
+                // ending the session (57P01-57P03).
+                sqlx::Error::Database(db) => db
+                    .code()
+                    .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
 }
 
 /// Handle on the database; cheap to clone (the pool is shared).
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: Pool,
+    health: Arc<DatabaseHealth>,
+    /// This process among the nodes sharing the database.
+    node_id: Arc<str>,
 }
 
-fn is_unique_violation(error: &sqlx::Error) -> bool {
+pub(crate) fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
+/// How long a query waits for a pooled PostgreSQL connection. While the database is away, this is
+/// how fast callers learn it (a batch is retried, an API call answers 503) instead of hanging.
+const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
 impl Store {
-    /// Opens (creating if missing) the database at `url` and applies the migrations.
+    /// Opens the database at `url` (SQLite: creating the file if missing) and applies the
+    /// engine's migrations.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        match Engine::from_url(url) {
+            Some(Engine::Sqlite) => Self::connect_sqlite(url).await,
+            Some(Engine::Postgres) => Self::connect_postgres(url).await,
+            None => Err(StoreError::UnsupportedUrl),
+        }
+    }
+
+    async fn connect_sqlite(url: &str) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             // WAL lets the admin API read while the telemetry batcher writes.
@@ -54,14 +125,59 @@ impl Store {
             // NORMAL in WAL mode is durable across process crashes; only power loss can lose
             // the last transactions, which is the usual trade for ingest throughput.
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10))
+            // A writer waits this long for another to finish before its attempt fails; failed
+            // telemetry batches are retried (or refused to waiting devices) by the store module.
+            .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
             .await?;
         sqlx::migrate!("../../migrations/sqlite").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool: Pool::Sqlite(pool),
+            health: Arc::new(DatabaseHealth::new()),
+            node_id: Arc::from(uuid::Uuid::now_v7().to_string()),
+        })
+    }
+
+    async fn connect_postgres(url: &str) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url)?
+            .application_name("iotgate")
+            // Like SQLite's busy timeout: a writer blocked by a lock gives up after 5 s, and the
+            // store module retries (or refuses waiting devices) instead of hanging.
+            .options([("lock_timeout", "5s")]);
+        let host = format!("{}:{}", options.get_host(), options.get_port());
+        let database = options.get_database().unwrap_or("(default)").to_owned();
+        let pool = PgPoolOptions::new()
+            // Telemetry batches, dead letters, retention, the API and the health check; the
+            // server's own processes are the limit on a small machine, not connections.
+            .max_connections(10)
+            .acquire_timeout(PG_ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Unreachable {
+                engine: Engine::Postgres.name(),
+                host,
+                database,
+                source,
+            })?;
+        sqlx::migrate!("../../migrations/postgres")
+            .run(&pool)
+            .await?;
+        Ok(Self {
+            pool: Pool::Postgres(pool),
+            health: Arc::new(DatabaseHealth::new()),
+            node_id: Arc::from(uuid::Uuid::now_v7().to_string()),
+        })
+    }
+
+    /// The engine this store runs on.
+    pub fn engine(&self) -> Engine {
+        match self.pool {
+            Pool::Sqlite(_) => Engine::Sqlite,
+            Pool::Postgres(_) => Engine::Postgres,
+        }
     }
 
     /// The default database URL for a data directory.
@@ -70,115 +186,173 @@ impl Store {
     }
 
     pub async fn close(&self) {
-        self.pool.close().await;
+        on_pool!(self, pool => pool.close().await)
     }
 
     // ----- definitions -----
 
     pub async fn list_definitions(&self, kind: &str) -> Result<Vec<StoredDefinition>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT kind, key, document, secret, created_at, updated_at FROM definitions WHERE kind = ? ORDER BY key",
-        )
-        .bind(kind)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(StoredDefinition::from_row).collect()
+        on_pool!(self, pool => {
+            let rows = sqlx::query(
+                "SELECT kind, key, CAST(document AS TEXT) AS document, secret, created_at, updated_at FROM definitions WHERE kind = $1 ORDER BY key",
+            )
+            .bind(kind)
+            .fetch_all(pool)
+            .await?;
+            rows.iter().map(StoredDefinition::from_row).collect()
+        })
     }
 
     pub async fn insert_definition(&self, definition: &StoredDefinition) -> Result<(), StoreError> {
-        let result = sqlx::query(
-            "INSERT INTO definitions (kind, key, document, secret, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+        let result = on_pool!(self, pool => sqlx::query(
+            "INSERT INTO definitions (kind, key, document, secret, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&definition.kind)
         .bind(&definition.key)
-        .bind(definition.document.to_string())
+        .bind(Json(&definition.document))
         .bind(&definition.secret)
         .bind(&definition.created_at)
         .bind(&definition.updated_at)
-        .execute(&self.pool)
-        .await;
+        .execute(pool)
+        .await
+        .map(|done| done.rows_affected()));
         match result {
             Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict(format!(
                 "{} {}",
                 definition.kind, definition.key
             ))),
-            other => other.map(|_| ()).map_err(Into::into),
+            Err(e) => Err(e.into()),
+            Ok(_) => {
+                self.notify_definition(&definition.kind, &definition.key)
+                    .await;
+                Ok(())
+            }
         }
     }
 
+    async fn notify_definition(&self, kind: &str, key: &str) {
+        self.notify_change(ChangedRow::Definition {
+            kind: kind.to_owned(),
+            key: key.to_owned(),
+        })
+        .await;
+    }
+
+    async fn notify_device(&self, device_id: &str) {
+        self.notify_change(ChangedRow::Device {
+            device_id: device_id.to_owned(),
+        })
+        .await;
+    }
+
+    /// One stored definition, if it exists.
+    pub async fn get_definition(
+        &self,
+        kind: &str,
+        key: &str,
+    ) -> Result<Option<StoredDefinition>, StoreError> {
+        on_pool!(self, pool => {
+            let row = sqlx::query(
+                "SELECT kind, key, CAST(document AS TEXT) AS document, secret, created_at, updated_at FROM definitions WHERE kind = $1 AND key = $2",
+            )
+            .bind(kind)
+            .bind(key)
+            .fetch_optional(pool)
+            .await?;
+            row.as_ref().map(StoredDefinition::from_row).transpose()
+        })
+    }
+
     pub async fn update_definition(&self, definition: &StoredDefinition) -> Result<(), StoreError> {
-        let result = sqlx::query(
-            "UPDATE definitions SET document = ?, secret = ?, updated_at = ? WHERE kind = ? AND key = ?",
+        let affected = on_pool!(self, pool => sqlx::query(
+            "UPDATE definitions SET document = $1, secret = $2, updated_at = $3 WHERE kind = $4 AND key = $5",
         )
-        .bind(definition.document.to_string())
+        .bind(Json(&definition.document))
         .bind(&definition.secret)
         .bind(&definition.updated_at)
         .bind(&definition.kind)
         .bind(&definition.key)
-        .execute(&self.pool)
-        .await?;
-        if result.rows_affected() == 0 {
+        .execute(pool)
+        .await?
+        .rows_affected());
+        if affected == 0 {
             return Err(StoreError::NotFound(format!(
                 "{} {}",
                 definition.kind, definition.key
             )));
         }
+        self.notify_definition(&definition.kind, &definition.key)
+            .await;
         Ok(())
     }
 
     pub async fn delete_definition(&self, kind: &str, key: &str) -> Result<(), StoreError> {
-        let result = sqlx::query("DELETE FROM definitions WHERE kind = ? AND key = ?")
+        let affected = on_pool!(self, pool => sqlx::query("DELETE FROM definitions WHERE kind = $1 AND key = $2")
             .bind(kind)
             .bind(key)
-            .execute(&self.pool)
-            .await?;
-        if result.rows_affected() == 0 {
+            .execute(pool)
+            .await?
+            .rows_affected());
+        if affected == 0 {
             return Err(StoreError::NotFound(format!("{kind} {key}")));
         }
+        self.notify_definition(kind, key).await;
         Ok(())
     }
 
     // ----- devices -----
 
     pub async fn insert_device(&self, device: &DeviceRecord) -> Result<(), StoreError> {
-        let result = sqlx::query(
-            "INSERT INTO devices (device_id, name, device_type, enabled, properties, primary_key_digest, secondary_key_digest, created_at, last_contact, message_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, 0)",
+        let result = on_pool!(self, pool => sqlx::query(
+            "INSERT INTO devices (device_id, name, device_type, enabled, properties, primary_key_digest, secondary_key_digest, primary_key_sealed, secondary_key_sealed, created_at, last_contact, message_count) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, 0)",
         )
         .bind(&device.device_id)
         .bind(&device.name)
         .bind(&device.device_type)
         .bind(device.enabled)
-        .bind(device.properties.to_string())
+        .bind(Json(&device.properties))
         .bind(&device.primary_key_digest[..])
         .bind(&device.secondary_key_digest[..])
+        .bind(&device.primary_key_sealed)
+        .bind(&device.secondary_key_sealed)
         .bind(&device.created_at)
-        .execute(&self.pool)
-        .await;
+        .execute(pool)
+        .await
+        .map(|done| done.rows_affected()));
         match result {
             Err(e) if is_unique_violation(&e) => {
                 Err(StoreError::Conflict(format!("device {}", device.device_id)))
             }
-            other => other.map(|_| ()).map_err(Into::into),
+            Err(e) => Err(e.into()),
+            Ok(_) => {
+                self.notify_device(&device.device_id).await;
+                Ok(())
+            }
         }
     }
 
     /// Every device, for filling the in-memory registry at start-up.
     pub async fn all_devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
-        let rows = sqlx::query(&format!("{DEVICE_SELECT} ORDER BY device_id"))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(DeviceRecord::from_row).collect()
+        on_pool!(self, pool => {
+            let rows = sqlx::query(&format!("{DEVICE_SELECT} ORDER BY device_id"))
+                .fetch_all(pool)
+                .await?;
+            rows.iter().map(DeviceRecord::from_row).collect()
+        })
     }
 
     pub async fn get_device(&self, device_id: &str) -> Result<Option<DeviceRecord>, StoreError> {
-        let row = sqlx::query(&format!("{DEVICE_SELECT} WHERE device_id = ?"))
-            .bind(device_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(DeviceRecord::from_row).transpose()
+        on_pool!(self, pool => {
+            let row = sqlx::query(&format!("{DEVICE_SELECT} WHERE device_id = $1"))
+                .bind(device_id)
+                .fetch_optional(pool)
+                .await?;
+            row.as_ref().map(DeviceRecord::from_row).transpose()
+        })
     }
 
-    /// One page of devices, optionally filtered by a substring of id, name or type.
+    /// One page of devices, optionally filtered by a substring of id, name or type (ASCII letters
+    /// match in either case, on both engines).
     pub async fn list_devices(
         &self,
         search: Option<&str>,
@@ -187,65 +361,68 @@ impl Store {
     ) -> Result<(Vec<DeviceRecord>, i64), StoreError> {
         let pattern = search.map(|s| {
             let escaped = s
+                .to_ascii_lowercase()
                 .replace('\\', "\\\\")
                 .replace('%', "\\%")
                 .replace('_', "\\_");
             format!("%{escaped}%")
         });
-        let filter = "WHERE (? IS NULL OR device_id LIKE ? ESCAPE '\\' OR name LIKE ? ESCAPE '\\' OR device_type LIKE ? ESCAPE '\\')";
-        let total: i64 = sqlx::query(&format!("SELECT COUNT(*) FROM devices {filter}"))
+        let filter = "WHERE (CAST($1 AS TEXT) IS NULL OR LOWER(device_id) LIKE $1 ESCAPE '\\' OR LOWER(name) LIKE $1 ESCAPE '\\' OR LOWER(device_type) LIKE $1 ESCAPE '\\')";
+        on_pool!(self, pool => {
+            let total: i64 = sqlx::query(&format!("SELECT COUNT(*) FROM devices {filter}"))
+                .bind(&pattern)
+                .fetch_one(pool)
+                .await?
+                .col_at(0)?;
+            let rows = sqlx::query(&format!(
+                "{DEVICE_SELECT} {filter} ORDER BY device_id LIMIT $2 OFFSET $3"
+            ))
             .bind(&pattern)
-            .bind(&pattern)
-            .bind(&pattern)
-            .bind(&pattern)
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?;
-        let rows = sqlx::query(&format!(
-            "{DEVICE_SELECT} {filter} ORDER BY device_id LIMIT ? OFFSET ?"
-        ))
-        .bind(&pattern)
-        .bind(&pattern)
-        .bind(&pattern)
-        .bind(&pattern)
-        .bind(limit)
-        .bind(offset)
-        .fetch_all(&self.pool)
-        .await?;
-        let devices = rows
-            .iter()
-            .map(DeviceRecord::from_row)
-            .collect::<Result<_, _>>()?;
-        Ok((devices, total))
+            .bind(limit)
+            .bind(offset)
+            .fetch_all(pool)
+            .await?;
+            let devices = rows
+                .iter()
+                .map(DeviceRecord::from_row)
+                .collect::<Result<_, _>>()?;
+            Ok((devices, total))
+        })
     }
 
     pub async fn update_device(&self, device: &DeviceRecord) -> Result<(), StoreError> {
-        let result = sqlx::query(
-            "UPDATE devices SET name = ?, device_type = ?, enabled = ?, properties = ?, primary_key_digest = ?, secondary_key_digest = ? WHERE device_id = ?",
+        let affected = on_pool!(self, pool => sqlx::query(
+            "UPDATE devices SET name = $1, device_type = $2, enabled = $3, properties = $4, primary_key_digest = $5, secondary_key_digest = $6, primary_key_sealed = $7, secondary_key_sealed = $8 WHERE device_id = $9",
         )
         .bind(&device.name)
         .bind(&device.device_type)
         .bind(device.enabled)
-        .bind(device.properties.to_string())
+        .bind(Json(&device.properties))
         .bind(&device.primary_key_digest[..])
         .bind(&device.secondary_key_digest[..])
+        .bind(&device.primary_key_sealed)
+        .bind(&device.secondary_key_sealed)
         .bind(&device.device_id)
-        .execute(&self.pool)
-        .await?;
-        if result.rows_affected() == 0 {
+        .execute(pool)
+        .await?
+        .rows_affected());
+        if affected == 0 {
             return Err(StoreError::NotFound(format!("device {}", device.device_id)));
         }
+        self.notify_device(&device.device_id).await;
         Ok(())
     }
 
     pub async fn delete_device(&self, device_id: &str) -> Result<(), StoreError> {
-        let result = sqlx::query("DELETE FROM devices WHERE device_id = ?")
+        let affected = on_pool!(self, pool => sqlx::query("DELETE FROM devices WHERE device_id = $1")
             .bind(device_id)
-            .execute(&self.pool)
-            .await?;
-        if result.rows_affected() == 0 {
+            .execute(pool)
+            .await?
+            .rows_affected());
+        if affected == 0 {
             return Err(StoreError::NotFound(format!("device {device_id}")));
         }
+        self.notify_device(device_id).await;
         Ok(())
     }
 
@@ -257,196 +434,92 @@ impl Store {
         if contacts.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
-        for contact in contacts {
-            sqlx::query(
-                "UPDATE devices SET last_contact = ?, message_count = message_count + ? WHERE device_id = ?",
-            )
-            .bind(&contact.last_contact)
-            .bind(contact.messages)
-            .bind(&contact.device_id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            for contact in contacts {
+                sqlx::query(
+                    "UPDATE devices SET last_contact = $1, message_count = message_count + $2 WHERE device_id = $3",
+                )
+                .bind(&contact.last_contact)
+                .bind(contact.messages)
+                .bind(&contact.device_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+        });
         Ok(())
-    }
-
-    // ----- users and sessions -----
-
-    pub async fn count_users(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query("SELECT COUNT(*) FROM users")
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?)
-    }
-
-    pub async fn insert_user(
-        &self,
-        user_name: &str,
-        password_hash: &str,
-        created_at: &str,
-    ) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO users (user_name, password_hash, created_at) VALUES (?, ?, ?)")
-            .bind(user_name)
-            .bind(password_hash)
-            .bind(created_at)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    pub async fn user_password_hash(&self, user_name: &str) -> Result<Option<String>, StoreError> {
-        let row = sqlx::query("SELECT password_hash FROM users WHERE user_name = ?")
-            .bind(user_name)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.map(|r| r.try_get(0)).transpose()?)
-    }
-
-    pub async fn insert_session(
-        &self,
-        token_digest: &str,
-        user_name: &str,
-        expires_at: &str,
-    ) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO sessions (token_digest, user_name, expires_at) VALUES (?, ?, ?)")
-            .bind(token_digest)
-            .bind(user_name)
-            .bind(expires_at)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    /// The session's user and expiry, if the token digest is known.
-    pub async fn find_session(
-        &self,
-        token_digest: &str,
-    ) -> Result<Option<(String, String)>, StoreError> {
-        let row = sqlx::query("SELECT user_name, expires_at FROM sessions WHERE token_digest = ?")
-            .bind(token_digest)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row
-            .map(|r| Ok::<_, sqlx::Error>((r.try_get(0)?, r.try_get(1)?)))
-            .transpose()?)
-    }
-
-    pub async fn delete_session(&self, token_digest: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM sessions WHERE token_digest = ?")
-            .bind(token_digest)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    pub async fn delete_expired_sessions(&self, now: &str) -> Result<u64, StoreError> {
-        Ok(sqlx::query("DELETE FROM sessions WHERE expires_at < ?")
-            .bind(now)
-            .execute(&self.pool)
-            .await?
-            .rows_affected())
-    }
-
-    // ----- telemetry -----
-
-    /// Inserts a batch of telemetry rows in one transaction, in multi-row statements whose row
-    /// counts are powers of two (at most 512). Each statement costs a round trip to SQLite's
-    /// worker thread, so statements must be few; and with only ten distinct SQL texts, every one
-    /// stays prepared (a text per batch size would be prepared again and again).
-    pub async fn insert_telemetry(&self, rows: &[TelemetryRow]) -> Result<(), StoreError> {
-        // 11 parameters per row; 512 rows stay far below SQLite's 32766 parameter limit.
-        const MAX_ROWS_PER_STATEMENT: usize = 512;
-        let mut tx = self.pool.begin().await?;
-        let mut rest = rows;
-        while !rest.is_empty() {
-            let take = largest_power_of_two_at_most(rest.len().min(MAX_ROWS_PER_STATEMENT));
-            let (chunk, remainder) = rest.split_at(take);
-            rest = remainder;
-            let mut builder = QueryBuilder::new(TELEMETRY_INSERT);
-            builder.push_values(chunk, |mut b, row| {
-                b.push_bind(&row.id)
-                    .push_bind(&row.listener_key)
-                    .push_bind(&row.device_id)
-                    .push_bind(&row.device_type)
-                    .push_bind(row.connection_id)
-                    .push_bind(&row.source_address)
-                    .push_bind(&row.received_at)
-                    .push_bind(&row.content_type)
-                    .push_bind(&row.payload)
-                    .push_bind(&row.metadata)
-                    .push_bind(&row.downstream_key);
-            });
-            // A batch retried after a failure must not fail on rows that already landed.
-            builder.push(" ON CONFLICT (id) DO NOTHING");
-            builder.build().execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    pub async fn query_telemetry(
-        &self,
-        device_id: Option<&str>,
-        listener_key: Option<&str>,
-        limit: i64,
-    ) -> Result<Vec<TelemetryRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, listener_key, device_id, device_type, connection_id, source_address, received_at, content_type, payload, metadata, downstream_key FROM telemetry WHERE (? IS NULL OR device_id = ?) AND (? IS NULL OR listener_key = ?) ORDER BY received_at DESC, id DESC LIMIT ?",
-        )
-        .bind(device_id)
-        .bind(device_id)
-        .bind(listener_key)
-        .bind(listener_key)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(TelemetryRow::from_row).collect()
     }
 
     // ----- dead letters -----
 
     pub async fn insert_dead_letters(&self, rows: &[DeadLetterRow]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        for chunk in rows.chunks(500) {
-            let mut builder = QueryBuilder::new(
-                "INSERT INTO dead_letters (id, listener_key, device_id, module, reason, message, received_at, content_type, payload) ",
-            );
-            builder.push_values(chunk, |mut b, row| {
-                b.push_bind(&row.id)
-                    .push_bind(&row.listener_key)
-                    .push_bind(&row.device_id)
-                    .push_bind(&row.module)
-                    .push_bind(&row.reason)
-                    .push_bind(&row.message)
-                    .push_bind(&row.received_at)
-                    .push_bind(&row.content_type)
-                    .push_bind(&row.payload);
-            });
-            builder.push(" ON CONFLICT (id) DO NOTHING");
-            builder.build().execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            for chunk in rows.chunks(500) {
+                let mut builder = sqlx::QueryBuilder::new(
+                    "INSERT INTO dead_letters (id, listener_key, device_id, module, reason, message, received_at, content_type, payload, payload_truncated) ",
+                );
+                builder.push_values(chunk, |mut b, row| {
+                    b.push_bind(&row.id)
+                        .push_bind(&row.listener_key)
+                        .push_bind(&row.device_id)
+                        .push_bind(&row.module)
+                        .push_bind(&row.reason)
+                        .push_bind(&row.message)
+                        .push_bind(&row.received_at)
+                        .push_bind(&row.content_type)
+                        .push_bind(&row.payload)
+                        .push_bind(row.payload_truncated);
+                });
+                builder.push(" ON CONFLICT (id) DO NOTHING");
+                builder.build().execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+        });
         Ok(())
     }
 
+    /// Rows and the approximate size (payload and message text) the dead-letter table holds.
+    pub async fn dead_letter_totals(&self) -> Result<(u64, u64), StoreError> {
+        let (count, bytes): (i64, i64) = on_pool!(self, pool => {
+            let row = sqlx::query(
+                "SELECT COUNT(*), CAST(COALESCE(SUM(COALESCE(LENGTH(payload), 0) + LENGTH(message)), 0) AS BIGINT) FROM dead_letters",
+            )
+            .fetch_one(pool)
+            .await?;
+            (row.col_at(0)?, row.col_at(1)?)
+        });
+        Ok((count.max(0) as u64, bytes.max(0) as u64))
+    }
+
+    /// Deletes up to `limit` of the oldest dead letters. Returns how many went and their
+    /// approximate size.
+    pub async fn delete_oldest_dead_letters(&self, limit: i64) -> Result<(u64, u64), StoreError> {
+        let sizes: Vec<i64> = on_pool!(self, pool => {
+            let rows = sqlx::query(
+                "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters ORDER BY received_at, id LIMIT $1) RETURNING CAST(COALESCE(LENGTH(payload), 0) + LENGTH(message) AS BIGINT)",
+            )
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
+            rows.iter().map(|row| row.col_at(0)).collect::<Result<_, _>>()?
+        });
+        let bytes = sizes.iter().map(|size| (*size).max(0) as u64).sum();
+        Ok((sizes.len() as u64, bytes))
+    }
+
     pub async fn query_dead_letters(&self, limit: i64) -> Result<Vec<DeadLetterRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, listener_key, device_id, module, reason, message, received_at, content_type, payload FROM dead_letters ORDER BY received_at DESC, id DESC LIMIT ?",
-        )
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(DeadLetterRow::from_row).collect()
+        on_pool!(self, pool => {
+            let rows = sqlx::query(
+                "SELECT id, listener_key, device_id, module, reason, message, received_at, content_type, payload, payload_truncated FROM dead_letters ORDER BY received_at DESC, id DESC LIMIT $1",
+            )
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
+            rows.iter().map(DeadLetterRow::from_row).collect()
+        })
     }
 }
 
-const TELEMETRY_INSERT: &str = "INSERT INTO telemetry (id, listener_key, device_id, device_type, connection_id, source_address, received_at, content_type, payload, metadata, downstream_key) ";
-
-fn largest_power_of_two_at_most(n: usize) -> usize {
-    debug_assert!(n > 0);
-    1 << (usize::BITS - 1 - n.leading_zeros())
-}
-
-const DEVICE_SELECT: &str = "SELECT device_id, name, device_type, enabled, properties, primary_key_digest, secondary_key_digest, created_at, last_contact, message_count FROM devices";
+const DEVICE_SELECT: &str = "SELECT device_id, name, device_type, enabled, CAST(properties AS TEXT) AS properties, primary_key_digest, secondary_key_digest, primary_key_sealed, secondary_key_sealed, created_at, last_contact, message_count FROM devices";

@@ -1,9 +1,8 @@
 //! Row types: plain data moved between the database and the layers above.
 
 use serde_json::Value;
-use sqlx::sqlite::SqliteRow;
-use sqlx::Row;
 
+use crate::engine::Columns;
 use crate::StoreError;
 
 /// A stored definition document of any kind.
@@ -20,15 +19,15 @@ pub struct StoredDefinition {
 }
 
 impl StoredDefinition {
-    pub(crate) fn from_row(row: &SqliteRow) -> Result<Self, StoreError> {
-        let document: String = row.try_get("document")?;
+    pub(crate) fn from_row(row: &impl Columns) -> Result<Self, StoreError> {
+        let document: String = row.col("document")?;
         Ok(Self {
-            kind: row.try_get("kind")?,
-            key: row.try_get("key")?,
+            kind: row.col("kind")?,
+            key: row.col("key")?,
             document: serde_json::from_str(&document)?,
-            secret: row.try_get("secret")?,
-            created_at: row.try_get("created_at")?,
-            updated_at: row.try_get("updated_at")?,
+            secret: row.col("secret")?,
+            created_at: row.col("created_at")?,
+            updated_at: row.col("updated_at")?,
         })
     }
 }
@@ -43,13 +42,17 @@ pub struct DeviceRecord {
     pub properties: Value,
     pub primary_key_digest: [u8; 32],
     pub secondary_key_digest: [u8; 32],
+    /// The keys sealed under the server secret (for shared-access signatures); absent for keys
+    /// issued before sealing existed.
+    pub primary_key_sealed: Option<String>,
+    pub secondary_key_sealed: Option<String>,
     pub created_at: String,
     pub last_contact: Option<String>,
     pub message_count: i64,
 }
 
-fn digest(row: &SqliteRow, column: &str) -> Result<[u8; 32], StoreError> {
-    let bytes: Vec<u8> = row.try_get(column)?;
+fn digest(row: &impl Columns, column: &str) -> Result<[u8; 32], StoreError> {
+    let bytes: Vec<u8> = row.col(column)?;
     bytes.try_into().map_err(|_| {
         StoreError::Database(sqlx::Error::Decode(
             format!("{column} is not a 32-byte digest").into(),
@@ -58,19 +61,21 @@ fn digest(row: &SqliteRow, column: &str) -> Result<[u8; 32], StoreError> {
 }
 
 impl DeviceRecord {
-    pub(crate) fn from_row(row: &SqliteRow) -> Result<Self, StoreError> {
-        let properties: String = row.try_get("properties")?;
+    pub(crate) fn from_row(row: &impl Columns) -> Result<Self, StoreError> {
+        let properties: String = row.col("properties")?;
         Ok(Self {
-            device_id: row.try_get("device_id")?,
-            name: row.try_get("name")?,
-            device_type: row.try_get("device_type")?,
-            enabled: row.try_get("enabled")?,
+            device_id: row.col("device_id")?,
+            name: row.col("name")?,
+            device_type: row.col("device_type")?,
+            enabled: row.col("enabled")?,
             properties: serde_json::from_str(&properties)?,
             primary_key_digest: digest(row, "primary_key_digest")?,
             secondary_key_digest: digest(row, "secondary_key_digest")?,
-            created_at: row.try_get("created_at")?,
-            last_contact: row.try_get("last_contact")?,
-            message_count: row.try_get("message_count")?,
+            primary_key_sealed: row.col("primary_key_sealed")?,
+            secondary_key_sealed: row.col("secondary_key_sealed")?,
+            created_at: row.col("created_at")?,
+            last_contact: row.col("last_contact")?,
+            message_count: row.col("message_count")?,
         })
     }
 }
@@ -98,22 +103,38 @@ pub struct TelemetryRow {
     pub payload: String,
     pub metadata: String,
     pub downstream_key: String,
+    /// The id the device gave the message (acknowledging listeners), as text.
+    pub message_id: Option<String>,
+    /// False for messages from listeners without a sentinel (the device is only claimed).
+    pub authenticated: bool,
+    pub claimed_device_id: Option<String>,
+    /// The envelope's message type (a Web PubSub event name, `$connected`, ...), when it has one.
+    pub message_type: Option<String>,
+    /// Insert only, never read back: when set (and `message_id` and `device_id` are too), a row of
+    /// the same downstream, device and message id received at or after this time makes this one
+    /// a duplicate, which is then not stored.
+    pub duplicate_if_stored_since: Option<String>,
 }
 
 impl TelemetryRow {
-    pub(crate) fn from_row(row: &SqliteRow) -> Result<Self, StoreError> {
+    pub(crate) fn from_row(row: &impl Columns) -> Result<Self, StoreError> {
         Ok(Self {
-            id: row.try_get("id")?,
-            listener_key: row.try_get("listener_key")?,
-            device_id: row.try_get("device_id")?,
-            device_type: row.try_get("device_type")?,
-            connection_id: row.try_get("connection_id")?,
-            source_address: row.try_get("source_address")?,
-            received_at: row.try_get("received_at")?,
-            content_type: row.try_get("content_type")?,
-            payload: row.try_get("payload")?,
-            metadata: row.try_get("metadata")?,
-            downstream_key: row.try_get("downstream_key")?,
+            id: row.col("id")?,
+            listener_key: row.col("listener_key")?,
+            device_id: row.col("device_id")?,
+            device_type: row.col("device_type")?,
+            connection_id: row.col("connection_id")?,
+            source_address: row.col("source_address")?,
+            received_at: row.col("received_at")?,
+            content_type: row.col("content_type")?,
+            payload: row.col("payload")?,
+            metadata: row.col("metadata")?,
+            downstream_key: row.col("downstream_key")?,
+            message_id: row.col("message_id")?,
+            authenticated: row.col("authenticated")?,
+            claimed_device_id: row.col("claimed_device_id")?,
+            message_type: row.col("message_type")?,
+            duplicate_if_stored_since: None,
         })
     }
 }
@@ -134,20 +155,24 @@ pub struct DeadLetterRow {
     pub content_type: Option<String>,
     /// The payload as JSON text, with credentials removed; absent when it could not be kept.
     pub payload: Option<String>,
+    /// True when `payload` holds only the start of the serialized payload (a connection that
+    /// never authenticated keeps at most 1 KiB), so it may not parse as JSON.
+    pub payload_truncated: bool,
 }
 
 impl DeadLetterRow {
-    pub(crate) fn from_row(row: &SqliteRow) -> Result<Self, StoreError> {
+    pub(crate) fn from_row(row: &impl Columns) -> Result<Self, StoreError> {
         Ok(Self {
-            id: row.try_get("id")?,
-            listener_key: row.try_get("listener_key")?,
-            device_id: row.try_get("device_id")?,
-            module: row.try_get("module")?,
-            reason: row.try_get("reason")?,
-            message: row.try_get("message")?,
-            received_at: row.try_get("received_at")?,
-            content_type: row.try_get("content_type")?,
-            payload: row.try_get("payload")?,
+            id: row.col("id")?,
+            listener_key: row.col("listener_key")?,
+            device_id: row.col("device_id")?,
+            module: row.col("module")?,
+            reason: row.col("reason")?,
+            message: row.col("message")?,
+            received_at: row.col("received_at")?,
+            content_type: row.col("content_type")?,
+            payload: row.col("payload")?,
+            payload_truncated: row.col("payload_truncated")?,
         })
     }
 }

@@ -67,6 +67,8 @@ pub fn record(device: &ModelDevice, hasher: &KeyHasher) -> DeviceRecord {
         properties: json!({}),
         primary_key_digest: hasher.digest(&device.keys[0]),
         secondary_key_digest: hasher.digest(&device.keys[1]),
+        primary_key_sealed: None,
+        secondary_key_sealed: None,
         created_at: "2026-01-01T00:00:00.000000Z".into(),
         last_contact: None,
         message_count: 0,
@@ -75,7 +77,10 @@ pub fn record(device: &ModelDevice, hasher: &KeyHasher) -> DeviceRecord {
 
 pub fn registry(devices: &[ModelDevice]) -> DeviceRegistry {
     let hasher = KeyHasher::new(SECRET);
-    let registry = DeviceRegistry::new(hasher.clone());
+    let registry = DeviceRegistry::new(
+        hasher.clone(),
+        iotgate_core::credentials::KeySealer::new(b"fuzz sealing secret"),
+    );
     let records: Vec<DeviceRecord> = devices.iter().map(|d| record(d, &hasher)).collect();
     registry.load(&records);
     registry
@@ -349,13 +354,18 @@ pub fn check_message(
     let mut payload = Payload::Json(original.clone());
     let result = sentinel.authenticate_message(registry, binding, values, &mut payload);
     let expected = model_message(spec, devices, conn, original);
-    let actual = outcome_of(&result, |d| d.device_id.to_string());
+    let actual = outcome_of(&result, |(d, _)| d.device_id.to_string());
     assert_eq!(
         actual, expected,
         "sentinel {} on {original} (connection {conn:?})",
         spec.key
     );
-    if let Ok(device) = &result {
+    if let Ok((device, digest)) = &result {
+        let digest = digest.expect("key methods return the digest of the key used");
+        assert!(
+            device.holds_digest(&digest),
+            "the digest returned is one of the device's keys"
+        );
         let registered = registry
             .get(&device.device_id)
             .expect("an accepted device is registered");
@@ -541,8 +551,9 @@ pub fn check_connection_flow(
                         .get(&binding.device_id)
                         .expect("bound device exists");
                     assert!(device.enabled);
-                    assert!(device.holds_digest(&binding.key_digest));
-                    assert_eq!(binding.key_digest, KeyHasher::new(SECRET).digest(key));
+                    let digest = binding.key_digest.expect("a key binding has a digest");
+                    assert!(device.holds_digest(&digest));
+                    assert_eq!(digest, KeyHasher::new(SECRET).digest(key));
                 }
                 (binding, values, conn)
             }
@@ -635,7 +646,12 @@ pub fn envelope(
         device_id: device_id.map(Arc::from),
         device_type: device_type.map(Arc::from),
         authenticated: true,
+        claimed_device_id: None,
         metadata: Arc::new(ConnectionMetadata::default()),
+        message_id: None,
+        dedup_window: None,
+        attributes: None,
+        message_type: None,
     }
 }
 
@@ -650,12 +666,18 @@ pub fn model_route_matches(d: &RouteDefinition, e: &Envelope) -> bool {
         && within(&d.listeners, Some(&e.listener_key))
         && within(&d.device_types, e.device_type.as_deref())
         && within(&d.device_ids, e.device_id.as_deref())
-        && d.message_type.as_ref().is_none_or(|m| {
-            let found = match &e.payload {
-                Payload::Json(v) => v.pointer(&m.pointer),
-                _ => None,
-            };
-            found.is_some_and(|f| m.values.contains(f))
+        && d.message_type.as_ref().is_none_or(|m| match &m.pointer {
+            Some(pointer) => {
+                let found = match &e.payload {
+                    Payload::Json(v) => v.pointer(pointer),
+                    _ => None,
+                };
+                found.is_some_and(|f| m.values.contains(f))
+            }
+            None => e
+                .message_type
+                .as_deref()
+                .is_some_and(|t| m.values.iter().any(|v| v.as_str() == Some(t))),
         })
 }
 
