@@ -9,6 +9,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# Several tests of one binary run this at once: one installs, the others wait and reuse it.
+exec 9>.setup.lock
+flock 9
+
 die() {
   echo "setup: $*" >&2
   exit 1

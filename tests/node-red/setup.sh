@@ -14,6 +14,9 @@ command -v node >/dev/null 2>&1 || die "node not found: install Node.js 20 with 
 command -v npm >/dev/null 2>&1 || die "npm not found: install Node.js 20 with npm"
 node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>18||(a===18&&b>=5)?0:1)' \
   || die "Node.js $(node --version) is older than 18.5, which Node-RED 4 needs"
+# Several tests of one binary run this at once: one installs, the others wait and reuse it.
+exec 9>.setup.lock
+flock 9
 if [ -f node_modules/node-red/red.js ] && cmp -s package-lock.json node_modules/.package-lock.stamp 2>/dev/null; then
   exit 0
 fi

@@ -3,6 +3,10 @@
 # fails loudly: without a real load balancer the trusted-proxy tests cannot run, and CI must fail
 # rather than skip them.
 set -euo pipefail
+cd "$(dirname "$0")"
+# Several tests of one binary run this at once: one installs, the others wait and reuse it.
+exec 9>.setup.lock
+flock 9
 
 if ! command -v haproxy >/dev/null 2>&1; then
   echo "setup: installing haproxy with apt-get" >&2

@@ -30,6 +30,11 @@ command -v "$python" >/dev/null 2>&1 \
 "$python" -c 'import venv, ensurepip' >/dev/null 2>&1 \
     || die "$python cannot create virtualenvs (no venv/ensurepip module): apt-get install python3-venv"
 
+# Two runs at once (two cargo test processes) would build the same venv: one builds, one waits.
+mkdir -p "$(dirname "$venv")"
+exec 9>"$venv.lock"
+flock 9
+
 if [ -x "$venv/bin/schemathesis" ] \
     && [ "$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("schemathesis"))' 2>/dev/null)" = "$SCHEMATHESIS_VERSION" ]; then
     echo "schemathesis $SCHEMATHESIS_VERSION already in $venv"
