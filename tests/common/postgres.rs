@@ -2,8 +2,9 @@
 //!
 //! The server is the machine's PostgreSQL (127.0.0.1:5432, trust auth), or the one
 //! `IOTGATE_TEST_POSTGRES_URL` names (a URL of a database the user may `CREATE DATABASE` from).
-//! `IOTGATE_TEST_ENGINE=postgres` runs every [`TestServer`](super::TestServer) of a test binary on
-//! its own PostgreSQL database instead of SQLite, so the store-facing suites run on both engines.
+//! In `tests/on_postgres.rs`, and in any test binary run with `IOTGATE_TEST_ENGINE=postgres`, every
+//! [`TestServer`](super::TestServer) runs on its own PostgreSQL database instead of SQLite, so the
+//! store-facing suites run on both engines.
 //! A PostgreSQL that cannot be reached fails the test with how to start it; it never skips.
 
 use std::time::Duration;
@@ -16,9 +17,21 @@ pub fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
-/// True when `IOTGATE_TEST_ENGINE=postgres`: every test server gets a PostgreSQL database.
+/// True when every test server of this binary gets a PostgreSQL database: in the
+/// `tests/on_postgres.rs` binary (which holds the store-facing suites a second time, so that
+/// `cargo test` runs them on both engines), or in any binary with `IOTGATE_TEST_ENGINE=postgres`.
 pub fn engine_is_postgres() -> bool {
     std::env::var("IOTGATE_TEST_ENGINE").is_ok_and(|engine| engine == "postgres")
+        || is_the_postgres_binary()
+}
+
+/// The suites are compiled into `on_postgres` as modules, each with its own copy of `common`, so
+/// the binary's name (cargo calls it `on_postgres-<hash>`) is what they can all see.
+fn is_the_postgres_binary() -> bool {
+    std::env::current_exe().is_ok_and(|exe| {
+        exe.file_name()
+            .is_some_and(|name| name.to_string_lossy().starts_with("on_postgres-"))
+    })
 }
 
 /// The admin URL with another database name.
