@@ -518,8 +518,9 @@ pub async fn crash(mut server: Server, api: &Api, opts: &Options) -> Result<Summ
     }
     while tasks.join_next().await.is_some() {}
     let _ = restarted.stop().await;
-    drop(temp_dir);
     let rows = stored_ids(&data_dir).await;
+    // Only now may the data directory go: it holds the database just read.
+    drop(temp_dir);
     let rows = match rows {
         Ok(rows) => rows,
         Err(e) => bail!("reading the database after the run: {e:#}"),
