@@ -409,6 +409,16 @@ async fn a_resume_needs_the_right_token_and_replays_what_was_not_acknowledged() 
         .await
         .expect_err("wrong token");
     assert_eq!(upgrade_status(&refused), Some(404));
+    // Another device holding the right id and token (leaked, say) may not take the session over
+    // (403), and its attempt leaves the session resumable by its own device.
+    let hijack = format!(
+        "{url_s}&awps_connection_id={connection_id}&awps_reconnection_token={}",
+        url_encode(&token)
+    );
+    let refused = ws_connect_url(&hijack, &reliable)
+        .await
+        .expect_err("another device's resume");
+    assert_eq!(upgrade_status(&refused), Some(403));
     let resume = format!(
         "{url_r}&awps_connection_id={connection_id}&awps_reconnection_token={}",
         url_encode(&token)
