@@ -143,6 +143,43 @@ impl AckTracker {
 
     /// An answer for `id`; returns the frames to send now.
     pub fn answer(&mut self, id: MessageId, result: AckResult, received: Instant) -> Vec<String> {
+        let mut frames = Vec::new();
+        self.record(id, result, received, &mut frames);
+        if !self.held.is_empty() {
+            frames.extend(self.release_in_order());
+        }
+        frames
+    }
+
+    /// Every answer that is ready at once (a committed batch answers many messages of one
+    /// connection together): the frames of all of them, so the connection wakes and writes once
+    /// per batch instead of once per message, and frame mode sends one cumulative ack for the
+    /// whole run instead of one per answer.
+    pub fn answer_all(&mut self, outcomes: impl IntoIterator<Item = AckOutcome>) -> Vec<String> {
+        let mut frames = Vec::new();
+        for outcome in outcomes {
+            self.record(
+                outcome.message_id,
+                outcome.result,
+                outcome.received,
+                &mut frames,
+            );
+        }
+        if !self.held.is_empty() {
+            frames.extend(self.release_in_order());
+        }
+        frames
+    }
+
+    /// Takes one answer: a body id's frame goes into `frames` at once, a frame number's answer
+    /// is held until [`Self::release_in_order`].
+    fn record(
+        &mut self,
+        id: MessageId,
+        result: AckResult,
+        received: Instant,
+        frames: &mut Vec<String>,
+    ) {
         if let Some(index) = self.waiting.iter().position(|w| *w == id) {
             self.waiting.remove(index);
         }
@@ -150,9 +187,8 @@ impl AckTracker {
         match id {
             MessageId::Frame(frame) => {
                 self.held.insert(frame, result);
-                self.release_in_order()
             }
-            id => vec![frame_for(&id, &result)],
+            id => frames.push(frame_for(&id, &result)),
         }
     }
 
@@ -230,15 +266,26 @@ impl AckTracker {
 /// The text frame that tells the device about one message.
 fn frame_for(id: &MessageId, result: &AckResult) -> String {
     match result {
+        // Written straight into one string (the id through serde, which escapes it): acks are
+        // one per message on the hot path, and a `Value` tree per ack cost four allocations more.
         AckResult::Acked { status, duplicate } => {
-            let mut ack = serde_json::json!({
-                "messageId": id,
-                "status": status.as_str(),
-            });
-            if *duplicate {
-                ack["duplicate"] = serde_json::Value::Bool(true);
+            let mut frame = String::with_capacity(64);
+            frame.push_str(r#"{"ack":{"messageId":"#);
+            match id {
+                MessageId::Frame(number) => {
+                    let _ = std::fmt::Write::write_fmt(&mut frame, format_args!("{number}"));
+                }
+                id => frame
+                    .push_str(&serde_json::to_string(id).expect("a message id always serializes")),
             }
-            serde_json::json!({ "ack": ack }).to_string()
+            frame.push_str(r#","status":""#);
+            frame.push_str(status.as_str());
+            frame.push('"');
+            if *duplicate {
+                frame.push_str(r#","duplicate":true"#);
+            }
+            frame.push_str("}}");
+            frame
         }
         AckResult::Refused(rejection) => rejection.to_frame(Some(id)),
     }
@@ -263,6 +310,19 @@ pub async fn drain_step(
             None => tracker.refuse_all_waiting(),
         }),
     }
+}
+
+/// At most this many answers are taken in one go, so a flood of answers cannot keep a
+/// connection from reading its socket or its downlinks for long.
+const MAX_ANSWERS_AT_ONCE: usize = 256;
+
+/// `first` and the answers already waiting behind it (up to [`MAX_ANSWERS_AT_ONCE`]).
+pub fn ready_answers(
+    first: AckOutcome,
+    answers: &mut mpsc::UnboundedReceiver<AckOutcome>,
+) -> impl Iterator<Item = AckOutcome> + '_ {
+    std::iter::once(first)
+        .chain(std::iter::from_fn(move || answers.try_recv().ok()).take(MAX_ANSWERS_AT_ONCE - 1))
 }
 
 /// Waits for the next late answer; never resolves when the listener does not acknowledge.
@@ -383,5 +443,71 @@ mod tests {
         assert_eq!(frames[1]["error"]["code"], "shutting_down");
         assert_eq!(frames[1]["error"]["messageId"], 7);
         assert!(!t.awaits_answers());
+    }
+
+    fn outcome(id: MessageId, result: AckResult) -> AckOutcome {
+        AckOutcome {
+            message_id: id,
+            result,
+            received: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn answers_ready_together_leave_as_one_cumulative_ack() {
+        let mut t = tracker(listener("binary"));
+        let ids: Vec<MessageId> = (0..3)
+            .map(|_| {
+                let n = t.frame_received();
+                t.message_id(n, None).unwrap()
+            })
+            .collect();
+        for id in &ids {
+            t.wait_for(id.clone());
+        }
+        let frames = parse(
+            &t.answer_all(
+                ids.iter()
+                    .rev()
+                    .map(|id| outcome(id.clone(), acked(AckStatus::Stored))),
+            ),
+        );
+        assert_eq!(
+            frames,
+            [json!({"ack": {"messageId": 3, "status": "stored"}})]
+        );
+        assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn ack_frames_are_json_whatever_the_id() {
+        let mut t = tracker(listener("json"));
+        let ids = [
+            MessageId::Text("quote \" backslash \\ newline \n é".into()),
+            MessageId::Integer((-42).into()),
+            MessageId::Integer(u64::MAX.into()),
+        ];
+        for id in &ids {
+            t.wait_for(id.clone());
+        }
+        let frames = parse(&t.answer_all([
+            outcome(ids[0].clone(), acked(AckStatus::Accepted)),
+            outcome(
+                ids[1].clone(),
+                AckResult::Acked {
+                    status: AckStatus::Stored,
+                    duplicate: true,
+                },
+            ),
+            outcome(ids[2].clone(), acked(AckStatus::Stored)),
+        ]));
+        assert_eq!(
+            frames,
+            [
+                json!({"ack": {"messageId": "quote \" backslash \\ newline \n é", "status": "accepted"}}),
+                json!({"ack": {"messageId": -42, "status": "stored", "duplicate": true}}),
+                json!({"ack": {"messageId": u64::MAX, "status": "stored"}}),
+            ]
+        );
     }
 }

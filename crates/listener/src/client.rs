@@ -29,7 +29,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::acks::{drain_step, next_outcome, AckTracker, DRAIN_LIMIT};
+use crate::acks::{drain_step, next_outcome, ready_answers, AckTracker, DRAIN_LIMIT};
 use crate::connection::{handle_frame, Connection};
 use crate::server::CONNECTION_IDS;
 use crate::status::{ListenerState, ListenerStatus};
@@ -325,7 +325,10 @@ impl ClientListener {
                     return SessionEnd::Dropped(format!("closed by iotgate: {}", cause.as_str()));
                 }
                 Some(outcome) = next_outcome(&mut late_answers), if awaiting => {
-                    let frames = acks.as_mut().map(|a| a.answer(outcome.message_id, outcome.result, outcome.received)).unwrap_or_default();
+                    let frames = match (acks.as_mut(), late_answers.as_mut()) {
+                        (Some(tracker), Some(answers)) => tracker.answer_all(ready_answers(outcome, answers)),
+                        _ => Vec::new(),
+                    };
                     if let Err(error) = send_frames(&mut sink, frames).await {
                         return SessionEnd::Dropped(format!("send failed: {error}"));
                     }
