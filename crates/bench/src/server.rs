@@ -48,6 +48,8 @@ impl Server {
     ) -> Result<Server> {
         let mut data_dir = tempfile::Builder::new()
             .prefix("iotgate-bench-")
+            // Private, as the server asks of a directory that holds its secret.
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir()
             .context("creating the temporary data directory")?;
         if keep_data_dir {
@@ -68,6 +70,8 @@ impl Server {
     ) -> Result<Server> {
         let data_dir = tempfile::Builder::new()
             .prefix("iotgate-bench-node-")
+            // Private, as the server asks of a directory that holds its secret.
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir()
             .context("creating the temporary data directory")?;
         let mut env = vec![("IOTGATE_DATABASE_URL", database_url.to_owned())];
