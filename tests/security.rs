@@ -113,6 +113,72 @@ async fn attack_a_same_site_page_cannot_ride_the_session_cookie_with_a_made_up_t
         .unwrap_or_else(|e| panic!("a real token in the query: {}", describe_ws_error(&e)));
 }
 
+/// Messages to devices take `text/plain`, which an HTML form on any site can POST without a CORS
+/// preflight, and the browser attaches the session cookie. Such a request must carry the
+/// browser's own word on where it comes from, naming our origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_a_cross_site_form_cannot_post_a_text_message_to_a_device_with_the_cookie() {
+    let server = TestServer::start().await;
+    server.register_device("pump-1", "pump").await;
+    let session = server.login().await;
+    let cookie = format!("iotgate_session={session}");
+    let post_text = |extra: &[(&str, String)]| {
+        let mut request = server
+            .http
+            .post(server.url("/api/v1/devices/pump-1/messages?queue=true"))
+            .header("cookie", &cookie)
+            .header("content-type", "text/plain")
+            .body("open-valve");
+        for (name, value) in extra {
+            request = request.header(*name, value);
+        }
+        request.send()
+    };
+
+    for (what, headers) in [
+        // An old browser sends neither header with a simple form post.
+        ("no Origin, no Sec-Fetch-Site", vec![]),
+        (
+            "Sec-Fetch-Site: cross-site",
+            vec![("sec-fetch-site", "cross-site".to_owned())],
+        ),
+        (
+            "Sec-Fetch-Site: same-site",
+            vec![("sec-fetch-site", "same-site".to_owned())],
+        ),
+        (
+            "Origin of another site",
+            vec![("origin", "https://evil.example".to_owned())],
+        ),
+    ] {
+        let (status, body) = body_json(post_text(&headers).await.expect("request")).await;
+        assert_eq!(status, 403, "{what}: {body}");
+    }
+
+    // The admin UI's own page may, and so may a bearer token from anywhere.
+    let (status, body) = body_json(
+        post_text(&[("origin", server.base_url.clone())])
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, 202, "the UI's own origin: {body}");
+    let (status, body) = body_json(
+        server
+            .http
+            .post(server.url("/api/v1/devices/pump-1/messages?queue=true"))
+            .bearer_auth(&session)
+            .header("content-type", "text/plain")
+            .header("origin", "https://evil.example")
+            .body("open-valve")
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, 202, "a bearer token: {body}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Medium: login throttling
 // ---------------------------------------------------------------------------------------------
