@@ -627,3 +627,73 @@ async fn outside_issuers_are_verified_with_their_public_key() {
         "{error}"
     );
 }
+
+/// A Web PubSub client's connection ends when its token expires: `system/disconnected` naming the
+/// reason, then close 1008 `token_expired`; its session is not kept for a resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_web_pubsub_connection_ends_when_its_token_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = Issuer::new("k1");
+    let pem_file = dir.path().join("issuer.pem");
+    std::fs::write(&pem_file, &issuer.public_pem).unwrap();
+    let server = TestServer::start().await;
+    server
+        .create_ok(
+            "sentinels",
+            &json!({"key": "outside", "name": "outside issuer", "method": "token", "algorithm": "ES256",
+                    "publicKeyFile": pem_file.to_str().unwrap(), "clockSkewSeconds": 3}),
+        )
+        .await;
+    server
+        .create_ok(
+            "listeners",
+            &json!({"key": "hub", "name": "hub", "listenerType": "websocket", "mode": "server",
+                    "contentType": "json", "path": "/client/hubs/hub", "anonymous": true,
+                    "sentinel": "outside", "protocol": "webpubsub"}),
+        )
+        .await;
+    server.wait_listener_state("hub", "running").await;
+    server.register_device("dev-1", "phone").await;
+    // Expired a second ago, still inside the 3 s clock skew: it connects, for about 2 s.
+    let token = issuer.sign(None, &json!({"sub": "dev-1", "exp": unix_now() - 1}));
+    let url = server.ws_url(&format!("/client/hubs/hub?access_token={token}"));
+    let reliable = WsOptions::new().protocol("json.reliable.webpubsub.azure.v1");
+    let started = std::time::Instant::now();
+    let (mut ws, _) = ws_connect_url(&url, &reliable)
+        .await
+        .expect("within the clock skew the token still connects");
+    let connected = next_text_json(&mut ws).await;
+    assert_eq!(connected["event"], "connected", "{connected}");
+    let connection_id = connected["connectionId"].as_str().unwrap().to_owned();
+    let reconnection_token = connected["reconnectionToken"].as_str().unwrap().to_owned();
+
+    let disconnected = next_text_json(&mut ws).await;
+    assert_eq!(disconnected["type"], "system", "{disconnected}");
+    assert_eq!(disconnected["event"], "disconnected", "{disconnected}");
+    assert!(
+        disconnected["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("token_expired")),
+        "{disconnected}"
+    );
+    assert_eq!(
+        close_of(&mut ws, Duration::from_secs(5)).await,
+        (1008, "token_expired".into())
+    );
+    let lived = started.elapsed();
+    assert!(
+        lived >= Duration::from_millis(500) && lived < Duration::from_secs(6),
+        "the connection lived {lived:?}, the token and its skew left 1 to 2 s"
+    );
+
+    // The session ended with the token: a resume with the right id and token finds nothing.
+    let fresh = issuer.sign(None, &json!({"sub": "dev-1", "exp": unix_now() + 600}));
+    let resume = server.ws_url(&format!(
+        "/client/hubs/hub?access_token={fresh}&awps_connection_id={connection_id}&awps_reconnection_token={}",
+        url_encode(&reconnection_token)
+    ));
+    let refused = ws_connect_url(&resume, &reliable)
+        .await
+        .expect_err("a resume after the token expired");
+    assert_eq!(upgrade_status(&refused), Some(404));
+}
