@@ -62,7 +62,7 @@ impl Violation {
 }
 
 impl GuardVerdict {
-    fn set(&self, violation: Violation) {
+    pub(crate) fn set(&self, violation: Violation) {
         let code = match violation {
             Violation::TooBig => 1,
             Violation::InvalidUtf8 => 2,
