@@ -10,6 +10,11 @@
 //! - UTF-8 in text messages, checked as fragments arrive, so a bad byte fails the connection at
 //!   once instead of when the last fragment comes (RFC 6455 "fail fast"; Autobahn 6.4.x) (→ 1007).
 //!
+//! On a connection that negotiated permessage-deflate, `deflate::inflate` runs in front of the
+//! guard and hands it each compressed message inflated, as frames with RSV1 clear: the caps and
+//! the UTF-8 check then hold for the inflated bytes, and any RSV1 the guard still sees is one the
+//! extension does not allow (a continuation, a control frame).
+//!
 //! The bytes before the offending frame are passed on first, so the codec still delivers every
 //! message that was complete before it (actix-ws would otherwise return its own error ahead of
 //! them: Autobahn's "echo before the error" cases); the next read returns the error, and the

@@ -2,8 +2,9 @@
 //! client message (RSV1 on its first frame) into ordinary frames carrying the inflated bytes.
 //!
 //! The guard and actix's codec behind it then see an uncompressed message and apply their rules
-//! to the inflated bytes: the message cap, UTF-8 of text, the frame cap on the frames written
-//! here (never larger than it). Frames written here are masked with the key 0 (the codec wants
+//! to the inflated bytes: the message cap and UTF-8 of text. The frame cap is checked here, on
+//! the compressed frame as it came and on what it inflates to; the frames written here are
+//! never larger than it. Frames written here are masked with the key 0 (the codec wants
 //! masked client frames, and XOR with 0 leaves the payload as inflated). Every other frame
 //! passes through untouched, reserved bits and all, so RSV1 on a continuation or a control frame
 //! still reaches the guard and fails with 1002.
@@ -63,6 +64,8 @@ pub struct MessageInflater {
     /// Whether a frame of the message in progress was written (later ones are continuations).
     message_started: bool,
     inflated: u64,
+    /// Bytes inflated from the current (or last) compressed frame: the frame cap holds for them.
+    frame_inflated: u64,
     /// The peer ended its deflate stream (BFINAL): the inflater restarts with the next message.
     stream_ended: bool,
     /// Inflated bytes not yet written as a frame: the first `output_len` of the buffer, whose
@@ -94,6 +97,7 @@ impl MessageInflater {
             message_opcode: 0,
             message_started: false,
             inflated: 0,
+            frame_inflated: 0,
             stream_ended: false,
             output: vec![0; output_frame_bytes],
             output_len: 0,
@@ -162,6 +166,7 @@ impl MessageInflater {
         if header.length > self.max_frame_bytes {
             return Err(Violation::TooBig);
         }
+        self.frame_inflated = 0;
         if starts_compressed {
             self.message_opcode = opcode;
             self.message_started = false;
@@ -241,7 +246,8 @@ impl MessageInflater {
     }
 
     /// One inflate call into the free part of the output buffer; the bytes it consumed and
-    /// produced. Stops the message once its inflated size passes the message cap.
+    /// produced. Stops the message once its inflated size passes the message cap, or what one
+    /// frame inflates to passes the frame cap.
     fn inflate(
         &mut self,
         source: Source,
@@ -264,7 +270,8 @@ impl MessageInflater {
         }
         self.output_len += produced;
         self.inflated += produced as u64;
-        if self.inflated > self.max_message_bytes {
+        self.frame_inflated += produced as u64;
+        if self.inflated > self.max_message_bytes || self.frame_inflated > self.max_frame_bytes {
             return Err(Violation::TooBig);
         }
         Ok((consumed, produced))
@@ -525,10 +532,10 @@ mod tests {
         let again = deflate(&mut compress, b"hello hello hello");
         stream.extend(frame(0xc1, &again));
         for read in [1, 7, 1000, stream.len()] {
-            let mut inflater = MessageInflater::new(&agreement(false), 4096, 1 << 20);
+            let mut inflater = MessageInflater::new(&agreement(false), 1 << 20, 1 << 20);
             let out = inflate_all(&mut inflater, &stream, read).unwrap();
             assert_eq!(
-                messages(&out, 4096),
+                messages(&out, OUTPUT_FRAME_BYTES as u64),
                 [
                     (0x9, b"ping".to_vec()),
                     (0x1, text.as_bytes().to_vec()),
@@ -616,5 +623,40 @@ mod tests {
             inflate_all(&mut inflater, &stream, 100),
             Err(Violation::TooBig)
         );
+    }
+
+    #[test]
+    fn the_frame_cap_holds_for_what_a_frame_inflates_to() {
+        let mut compress = Compress::new(Compression::default(), false);
+        let message = deflate(&mut compress, &[b'a'; 3000]);
+        assert!(message.len() < 100);
+        // 3000 bytes from one frame: over a 1000-byte frame cap, under the message cap.
+        let mut inflater = MessageInflater::new(&agreement(false), 1000, 1 << 20);
+        assert_eq!(
+            inflate_all(&mut inflater, &frame(0xc1, &message), 100),
+            Err(Violation::TooBig)
+        );
+        // The same message compressed into frames of at most 1000 inflated bytes each passes.
+        let mut compress = Compress::new(Compression::default(), false);
+        let mut stream = Vec::new();
+        for (i, piece) in [[b'a'; 1000]; 3].iter().enumerate() {
+            let mut out = Vec::with_capacity(1100);
+            compress
+                .compress_vec(piece, &mut out, FlushCompress::Sync)
+                .unwrap();
+            let last = i == 2;
+            if last {
+                out.truncate(out.len() - 4);
+            }
+            let first_byte = match (i, last) {
+                (0, _) => 0x41,
+                (_, false) => 0x00,
+                (_, true) => 0x80,
+            };
+            stream.extend(frame(first_byte, &out));
+        }
+        let mut inflater = MessageInflater::new(&agreement(false), 1000, 1 << 20);
+        let out = inflate_all(&mut inflater, &stream, 100).unwrap();
+        assert_eq!(messages(&out, 1000), [(0x1, vec![b'a'; 3000])]);
     }
 }
