@@ -80,31 +80,8 @@ impl ListenerDefinition {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::definition::{Definition, DefinitionKind};
-    use crate::schema::SchemaRegistry;
-    use serde_json::{json, Value};
-
-    fn listener(extra: Value) -> Value {
-        let mut base = json!({"key": "plant-a", "name": "Plant A", "listenerType": "websocket",
-            "mode": "server", "contentType": "json", "path": "/devices", "sentinel": "keys"});
-        for (k, v) in extra.as_object().unwrap() {
-            base[k] = v.clone();
-        }
-        base
-    }
-
-    fn parse(document: &Value) -> Result<ListenerDefinition, Vec<String>> {
-        match Definition::parse(
-            &SchemaRegistry::new(),
-            DefinitionKind::Listener,
-            document,
-            false,
-        ) {
-            Ok(Definition::Listener(d)) => Ok(d),
-            Ok(other) => panic!("not a listener: {other:?}"),
-            Err(problems) => Err(problems.into_iter().map(|p| p.pointer).collect()),
-        }
-    }
+    use crate::test_listeners::{listener, parse};
+    use serde_json::json;
 
     #[test]
     fn absent_or_disabled_means_off() {

@@ -1573,16 +1573,8 @@ impl Definition {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_listeners::listener;
     use serde_json::json;
-
-    fn listener(extra: Value) -> Value {
-        let mut base = json!({"key": "plant-a", "name": "Plant A", "listenerType": "websocket",
-            "mode": "server", "contentType": "json", "path": "/devices", "sentinel": "keys"});
-        for (k, v) in extra.as_object().unwrap() {
-            base[k] = v.clone();
-        }
-        base
-    }
 
     #[test]
     fn anonymous_listener_needs_a_sentinel() {

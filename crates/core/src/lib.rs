@@ -15,6 +15,8 @@ pub mod log_safe;
 pub mod message_id;
 pub mod origin;
 pub mod schema;
+#[cfg(test)]
+mod test_listeners;
 pub mod websocket_settings;
 
 pub use definition::{
