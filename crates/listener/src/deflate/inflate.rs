@@ -24,7 +24,7 @@ use flate2::{Decompress, FlushDecompress, Status};
 use futures_util::Stream;
 
 use super::{write_frame_header, Agreement, FrameHeader, HeaderReader, DEFLATE_TAIL};
-use crate::frame_guard::{GuardVerdict, Violation};
+use crate::frame_guard::{GuardVerdict, PayloadPoll, StreamState, Violation};
 
 /// Largest frame written for inflated bytes (lower when the frame cap is lower).
 const OUTPUT_FRAME_BYTES: usize = 16 * 1024;
@@ -344,36 +344,17 @@ struct InflatingPayload {
     at: usize,
     out: BytesMut,
     verdict: Arc<GuardVerdict>,
-    state: State,
-}
-
-/// Where the stream is after a violation (as in the frame guard: the frames completed before it
-/// go on first, then one `Pending` lets actix-ws deliver them, then the error).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Reading,
-    Draining,
-    Failing,
-    Done,
+    /// After a violation, ends the stream as the guard does.
+    state: StreamState,
 }
 
 impl Stream for InflatingPayload {
     type Item = Result<Bytes, PayloadError>;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> PayloadPoll {
         let this = &mut *self;
-        match this.state {
-            State::Reading => {}
-            State::Draining => {
-                this.state = State::Failing;
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
-            State::Failing => {
-                this.state = State::Done;
-                return Poll::Ready(Some(Err(PayloadError::Overflow)));
-            }
-            State::Done => return Poll::Ready(None),
+        if let Some(answer) = this.state.poll_stopped(cx) {
+            return answer;
         }
         loop {
             if this.at < this.pending.len() {
@@ -387,13 +368,7 @@ impl Stream for InflatingPayload {
                     Ok(_) => {}
                     Err(violation) => {
                         this.verdict.set(violation);
-                        this.state = State::Draining;
-                        if this.out.is_empty() {
-                            this.state = State::Failing;
-                            cx.waker().wake_by_ref();
-                            return Poll::Pending;
-                        }
-                        return Poll::Ready(Some(Ok(this.out.split().freeze())));
+                        return this.state.stop(cx, this.out.split().freeze());
                     }
                 }
                 continue;
@@ -427,7 +402,7 @@ pub fn inflating_payload(
         at: 0,
         out: BytesMut::new(),
         verdict,
-        state: State::Reading,
+        state: StreamState::Reading,
     };
     actix_web::dev::Payload::from(Box::pin(inflating) as actix_http::BoxedPayloadStream)
 }
