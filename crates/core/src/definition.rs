@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::compression_settings::CompressionSettings;
 use crate::envelope::ContentType;
 use crate::origin::OriginPattern;
 use crate::schema::{Problem, SchemaRegistry};
@@ -272,6 +273,10 @@ pub struct ListenerDefinition {
     /// read them through [`ListenerDefinition::websocket_settings`], which applies defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub websocket: Option<WebSocketSettings>,
+    /// permessage-deflate (RFC 7692); read it through
+    /// [`ListenerDefinition::compression_settings`], which applies defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<CompressionSettings>,
     #[serde(default = "default_true")]
     pub enabled: bool,
 }
@@ -1544,6 +1549,7 @@ impl Definition {
             Definition::Listener(d) => {
                 let mut problems = d.validate(password_stored);
                 d.validate_websocket(document, &mut problems);
+                d.validate_compression(&mut problems);
                 problems
             }
             Definition::Sentinel(d) => d.validate(),
@@ -1567,16 +1573,8 @@ impl Definition {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_listeners::listener;
     use serde_json::json;
-
-    fn listener(extra: Value) -> Value {
-        let mut base = json!({"key": "plant-a", "name": "Plant A", "listenerType": "websocket",
-            "mode": "server", "contentType": "json", "path": "/devices", "sentinel": "keys"});
-        for (k, v) in extra.as_object().unwrap() {
-            base[k] = v.clone();
-        }
-        base
-    }
 
     #[test]
     fn anonymous_listener_needs_a_sentinel() {

@@ -6,6 +6,7 @@
 //! This crate knows nothing about HTTP or databases, so validation and matching stay pure and can
 //! be tested and fuzzed on their own.
 
+pub mod compression_settings;
 pub mod credentials;
 pub mod definition;
 pub mod env_subst;
@@ -14,6 +15,8 @@ pub mod log_safe;
 pub mod message_id;
 pub mod origin;
 pub mod schema;
+#[cfg(test)]
+mod test_listeners;
 pub mod websocket_settings;
 
 pub use definition::{

@@ -213,31 +213,8 @@ impl ListenerDefinition {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::definition::{Definition, DefinitionKind};
-    use crate::schema::SchemaRegistry;
+    use crate::test_listeners::{listener, parse};
     use serde_json::json;
-
-    fn listener(extra: Value) -> Value {
-        let mut base = json!({"key": "plant-a", "name": "Plant A", "listenerType": "websocket",
-            "mode": "server", "contentType": "json", "path": "/devices", "sentinel": "keys"});
-        for (k, v) in extra.as_object().unwrap() {
-            base[k] = v.clone();
-        }
-        base
-    }
-
-    fn parse(document: &Value) -> Result<ListenerDefinition, Vec<String>> {
-        match Definition::parse(
-            &SchemaRegistry::new(),
-            DefinitionKind::Listener,
-            document,
-            false,
-        ) {
-            Ok(Definition::Listener(d)) => Ok(d),
-            Ok(other) => panic!("not a listener: {other:?}"),
-            Err(problems) => Err(problems.into_iter().map(|p| p.pointer).collect()),
-        }
-    }
 
     #[test]
     fn absent_settings_keep_todays_behaviour() {

@@ -10,6 +10,11 @@
 //! - UTF-8 in text messages, checked as fragments arrive, so a bad byte fails the connection at
 //!   once instead of when the last fragment comes (RFC 6455 "fail fast"; Autobahn 6.4.x) (→ 1007).
 //!
+//! On a connection that negotiated permessage-deflate, `deflate::inflate` runs in front of the
+//! guard and hands it each compressed message inflated, as frames with RSV1 clear: the caps and
+//! the UTF-8 check then hold for the inflated bytes, and any RSV1 the guard still sees is one the
+//! extension does not allow (a continuation, a control frame).
+//!
 //! The bytes before the offending frame are passed on first, so the codec still delivers every
 //! message that was complete before it (actix-ws would otherwise return its own error ahead of
 //! them: Autobahn's "echo before the error" cases); the next read returns the error, and the
@@ -62,7 +67,7 @@ impl Violation {
 }
 
 impl GuardVerdict {
-    fn set(&self, violation: Violation) {
+    pub(crate) fn set(&self, violation: Violation) {
         let code = match violation {
             Violation::TooBig => 1,
             Violation::InvalidUtf8 => 2,
@@ -343,53 +348,70 @@ impl FrameGuard {
 struct GuardedPayload {
     inner: actix_web::dev::Payload,
     guard: FrameGuard,
-    state: GuardState,
+    state: StreamState,
 }
 
-/// Where a guarded stream is after a violation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum GuardState {
+/// What a payload stream answers a poll with.
+pub(crate) type PayloadPoll = Poll<Option<Result<Bytes, PayloadError>>>;
+
+/// Where a payload stream that checks the client's bytes is, and how it ends after a violation
+/// (shared by the guard and the permessage-deflate inflater in front of it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum StreamState {
+    #[default]
     Reading,
-    /// The guard stopped the stream. The next poll answers `Pending` (and wakes the task at
-    /// once): actix-ws reads until the payload is pending before it decodes, so this is what
-    /// lets it deliver the messages completed before the violation.
+    /// The stream was stopped. The next poll answers `Pending` (and wakes the task at once):
+    /// actix-ws reads until the payload is pending before it decodes, so this is what lets it
+    /// deliver the messages completed before the violation.
     Draining,
     /// The poll after that ends the stream with an error.
     Failing,
     Done,
 }
 
+impl StreamState {
+    /// The answer to a poll once the stream was stopped; `None` while it is reading.
+    pub(crate) fn poll_stopped(&mut self, cx: &mut Context<'_>) -> Option<PayloadPoll> {
+        match *self {
+            StreamState::Reading => None,
+            StreamState::Draining => {
+                *self = StreamState::Failing;
+                cx.waker().wake_by_ref();
+                Some(Poll::Pending)
+            }
+            StreamState::Failing => {
+                *self = StreamState::Done;
+                Some(Poll::Ready(Some(Err(PayloadError::Overflow))))
+            }
+            StreamState::Done => Some(Poll::Ready(None)),
+        }
+    }
+
+    /// Stops the stream after a violation; `kept` (the frames complete before it) goes on first.
+    pub(crate) fn stop(&mut self, cx: &mut Context<'_>, kept: Bytes) -> PayloadPoll {
+        if kept.is_empty() {
+            *self = StreamState::Failing;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        } else {
+            *self = StreamState::Draining;
+            Poll::Ready(Some(Ok(kept)))
+        }
+    }
+}
+
 impl Stream for GuardedPayload {
     type Item = Result<Bytes, PayloadError>;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> PayloadPoll {
         let this = &mut *self;
-        match this.state {
-            GuardState::Reading => {}
-            GuardState::Draining => {
-                this.state = GuardState::Failing;
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
-            }
-            GuardState::Failing => {
-                this.state = GuardState::Done;
-                return Poll::Ready(Some(Err(PayloadError::Overflow)));
-            }
-            GuardState::Done => return Poll::Ready(None),
+        if let Some(answer) = this.state.poll_stopped(cx) {
+            return answer;
         }
         match Pin::new(&mut this.inner).poll_next(cx) {
             Poll::Ready(Some(Ok(bytes))) => match this.guard.inspect(&bytes) {
                 Inspection::Pass => Poll::Ready(Some(Ok(bytes))),
-                Inspection::Stop { keep } => {
-                    this.state = GuardState::Draining;
-                    if keep > 0 {
-                        Poll::Ready(Some(Ok(bytes.slice(..keep))))
-                    } else {
-                        this.state = GuardState::Failing;
-                        cx.waker().wake_by_ref();
-                        Poll::Pending
-                    }
-                }
+                Inspection::Stop { keep } => this.state.stop(cx, bytes.slice(..keep)),
             },
             other => other,
         }
@@ -406,7 +428,7 @@ pub fn guard_payload(
     let guarded = GuardedPayload {
         inner: payload,
         guard: FrameGuard::new(max_frame_bytes, max_message_bytes, verdict),
-        state: GuardState::Reading,
+        state: StreamState::Reading,
     };
     actix_web::dev::Payload::from(Box::pin(guarded) as actix_http::BoxedPayloadStream)
 }

@@ -14,6 +14,7 @@ pub mod basic_auth;
 pub mod client;
 pub mod client_address;
 mod connection;
+pub mod deflate;
 pub mod frame_guard;
 pub mod limits;
 pub mod own_port;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{web, FromRequest as _, HttpRequest, HttpResponse};
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError, Session};
+use iotgate_core::compression_settings::EffectiveCompressionSettings;
 use iotgate_core::definition::{ListenerDefinition, ListenerProtocol};
 use iotgate_core::envelope::ConnectionMetadata;
 use iotgate_core::websocket_settings::EffectiveWebSocketSettings;
@@ -38,6 +39,8 @@ pub struct ServerListener {
     pub status: Arc<ListenerStatus>,
     /// The definition's `websocket` settings with defaults and shorthands applied, resolved once.
     pub(crate) websocket: EffectiveWebSocketSettings,
+    /// permessage-deflate limits, resolved once; `None` when the listener does not compress.
+    compression: Option<EffectiveCompressionSettings>,
     basic: Option<BasicCredentialVerifier>,
     pub(crate) pipeline: Arc<Pipeline>,
     /// The bus to other nodes (`--bus-url`): Web PubSub group messages reach members there too.
@@ -85,6 +88,7 @@ impl ServerListener {
         Self {
             origins: definition.origin_patterns(),
             websocket: definition.websocket_settings(),
+            compression: definition.compression_settings(),
             definition,
             context,
             status,
@@ -277,8 +281,28 @@ impl ServerListener {
         // The frame guard enforces the frame and message caps from frame headers, before any
         // buffering.
         let verdict = Arc::new(crate::frame_guard::GuardVerdict::default());
+        // permessage-deflate, when the listener allows it and the client offers something it can
+        // honour: compressed messages are inflated ahead of the guard, so its caps and UTF-8
+        // check apply to the inflated bytes.
+        let deflate = self.compression.as_ref().and_then(|settings| {
+            let offers = request
+                .headers()
+                .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+                .filter_map(|value| value.to_str().ok());
+            crate::deflate::negotiate(offers, settings)
+        });
+        let mut payload = body.into_inner();
+        if let Some(agreement) = &deflate {
+            payload = crate::deflate::inflate::inflating_payload(
+                payload,
+                agreement,
+                self.websocket.max_frame_bytes,
+                self.websocket.max_message_bytes,
+                verdict.clone(),
+            );
+        }
         let mut guarded = crate::frame_guard::guard_payload(
-            body.into_inner(),
+            payload,
             self.websocket.max_frame_bytes,
             self.websocket.max_message_bytes,
             verdict.clone(),
@@ -304,6 +328,14 @@ impl ServerListener {
                 );
             }
         };
+        if let Some(agreement) = &deflate {
+            response = crate::deflate::deflate_body::deflating_response(response, agreement);
+            if let Ok(value) = HeaderValue::from_str(&agreement.response) {
+                response
+                    .headers_mut()
+                    .insert(header::SEC_WEBSOCKET_EXTENSIONS, value);
+            }
+        }
         let mut metadata = ConnectionMetadata::default();
         if let Some(required) = &self.definition.sub_protocol {
             if let Ok(value) = HeaderValue::from_str(required) {
