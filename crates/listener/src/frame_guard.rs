@@ -66,6 +66,27 @@ impl Violation {
     }
 }
 
+/// RFC 6455 §5.2: how many bytes a frame header takes, from its second byte (the 7-bit length,
+/// which may announce a 2- or 8-byte extended length, and the mask bit).
+pub(crate) fn header_size(second_byte: u8) -> usize {
+    let extended = match second_byte & 0x7f {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    let mask = if second_byte & 0x80 != 0 { 4 } else { 0 };
+    2 + extended + mask
+}
+
+/// The payload length a complete frame header declares.
+pub(crate) fn declared_length(header: &[u8]) -> u64 {
+    match header[1] & 0x7f {
+        126 => u64::from(u16::from_be_bytes([header[2], header[3]])),
+        127 => u64::from_be_bytes(header[2..10].try_into().expect("8 bytes")),
+        n => u64::from(n),
+    }
+}
+
 impl GuardVerdict {
     pub(crate) fn set(&self, violation: Violation) {
         let code = match violation {
@@ -153,21 +174,11 @@ impl FrameGuard {
 
     /// Header bytes needed once the first two are known.
     fn header_size(&self) -> usize {
-        let extended = match self.header[1] & 0x7f {
-            126 => 2,
-            127 => 8,
-            _ => 0,
-        };
-        let mask = if self.header[1] & 0x80 != 0 { 4 } else { 0 };
-        2 + extended + mask
+        header_size(self.header[1])
     }
 
     fn declared_length(&self) -> u64 {
-        match self.header[1] & 0x7f {
-            126 => u64::from(u16::from_be_bytes([self.header[2], self.header[3]])),
-            127 => u64::from_be_bytes(self.header[2..10].try_into().expect("8 bytes")),
-            n => u64::from(n),
-        }
+        declared_length(&self.header)
     }
 
     fn stop(&self, violation: Violation, frame_start: Option<usize>) -> Inspection {

@@ -91,13 +91,7 @@ impl HeaderReader {
         if self.len < 2 {
             return 2;
         }
-        let extended = match self.bytes[1] & 0x7f {
-            126 => 2,
-            127 => 8,
-            _ => 0,
-        };
-        let mask = if self.bytes[1] & 0x80 != 0 { 4 } else { 0 };
-        2 + extended + mask
+        crate::frame_guard::header_size(self.bytes[1])
     }
 
     /// Takes header bytes from `input`; returns how many it used and the header once complete
@@ -119,11 +113,7 @@ impl HeaderReader {
             }
         }
         let b = &self.bytes;
-        let length = match b[1] & 0x7f {
-            126 => u64::from(u16::from_be_bytes([b[2], b[3]])),
-            127 => u64::from_be_bytes(b[2..10].try_into().expect("8 bytes")),
-            n => u64::from(n),
-        };
+        let length = crate::frame_guard::declared_length(b);
         let size = self.len;
         let mask = (b[1] & 0x80 != 0).then(|| b[size - 4..size].try_into().expect("4 bytes"));
         let header = FrameHeader {
