@@ -146,35 +146,15 @@ struct RawClient {
 impl RawClient {
     /// Upgrades at `path` on `port`, offering `offer` as `Sec-WebSocket-Extensions`.
     async fn connect(port: u16, path: &str, offer: Option<&str>) -> Self {
-        let mut socket = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let extensions = offer
+        let offer = offer
             .map(|o| format!("Sec-WebSocket-Extensions: {o}\r\n"))
             .unwrap_or_default();
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extensions}\r\n"
-        );
-        socket.write_all(request.as_bytes()).await.unwrap();
-        let mut buffer = Vec::new();
-        let head_end = loop {
-            if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-                break at + 4;
-            }
-            let mut chunk = [0u8; 4096];
-            let n = tokio::time::timeout(WAIT, socket.read(&mut chunk))
-                .await
-                .expect("upgrade answer in time")
-                .unwrap();
-            assert!(n > 0, "the server closed before answering the upgrade");
-            buffer.extend_from_slice(&chunk[..n]);
-        };
-        let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
-        assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
+        let (socket, buffer, head) = raw_websocket_upgrade(port, path, &offer).await;
         let extensions = head.lines().find_map(|line| {
             let (name, value) = line.split_once(':')?;
             name.eq_ignore_ascii_case("sec-websocket-extensions")
                 .then(|| value.trim().to_string())
         });
-        buffer.drain(..head_end);
         Self {
             socket,
             buffer,

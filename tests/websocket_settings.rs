@@ -62,27 +62,7 @@ struct RawClient {
 impl RawClient {
     /// Connects and upgrades at `port` and `path`; panics unless the answer is 101.
     async fn connect(port: u16, path: &str) -> Self {
-        let mut socket = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        );
-        socket.write_all(request.as_bytes()).await.unwrap();
-        let mut buffer = Vec::new();
-        let head_end = loop {
-            if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-                break at + 4;
-            }
-            let mut chunk = [0u8; 1024];
-            let n = tokio::time::timeout(WAIT, socket.read(&mut chunk))
-                .await
-                .expect("upgrade answer in time")
-                .unwrap();
-            assert!(n > 0, "the server closed before answering the upgrade");
-            buffer.extend_from_slice(&chunk[..n]);
-        };
-        let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
-        assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
-        buffer.drain(..head_end);
+        let (socket, buffer, _) = raw_websocket_upgrade(port, path, "").await;
         Self { socket, buffer }
     }
 

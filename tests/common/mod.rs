@@ -1286,3 +1286,39 @@ pub async fn setup_store_pipeline(server: &TestServer, max_failures: u32) {
         .await;
     server.wait_listener_state("devices", "running").await;
 }
+
+/// Opens a TCP connection to `port` and upgrades it at `path` by hand, with `extra_headers`
+/// (complete `Name: value\r\n` lines) added to the request, for tests that must see or send
+/// exact frames. Panics unless the answer is 101 within 10 s. Returns the socket, the bytes the
+/// server already sent after the answer's head, and the head itself.
+pub async fn raw_websocket_upgrade(
+    port: u16,
+    path: &str,
+    extra_headers: &str,
+) -> (tokio::net::TcpStream, Vec<u8>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut buffer = Vec::new();
+    let head_end = loop {
+        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut chunk))
+            .await
+            .expect("upgrade answer in time")
+            .unwrap();
+        assert!(n > 0, "the server closed before answering the upgrade");
+        buffer.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
+    buffer.drain(..head_end);
+    (socket, buffer, head)
+}
