@@ -7,6 +7,10 @@
 //!   server with RSV1 on the first frame, a compression bomb closed with 1009 while the server's
 //!   memory stays flat, invalid UTF-8 found after inflating (1007), RSV1 where it is not allowed
 //!   (1002), and a listener without compression that ignores the offer;
+//! - client mode: a client-mode listener offers the extension to a real server (Python
+//!   `websockets`), inflates what it sends and compresses its echo; a compression bomb from the
+//!   server closes with 1009; a server answer that breaks the offer fails the connection with
+//!   1002 and the reason in the listener's status;
 //! - the 422s for bad `compression` values.
 
 mod common;
@@ -252,6 +256,26 @@ fn parse_server_frame(buffer: &[u8]) -> Option<(ServerFrame, usize)> {
 // A real client
 // ---------------------------------------------------------------------------------------------
 
+/// Python put in front of the scripts below: records the opcode and RSV1 bit of every data frame
+/// a connection's permessage-deflate extension encodes (sent) and decodes (received).
+const RECORD_DATA_FRAMES: &str = r#"
+def record_data_frames(extensions):
+    sent, received = [], []
+    for extension in extensions:
+        encode, decode = extension.encode, extension.decode
+        def recording_encode(frame, encode=encode):
+            out = encode(frame)
+            if out.opcode.value in (1, 2):
+                sent.append([out.opcode.value, out.rsv1])
+            return out
+        def recording_decode(frame, *, max_size=None, decode=decode):
+            if frame.opcode.value in (1, 2):
+                received.append([frame.opcode.value, frame.rsv1])
+            return decode(frame, max_size=max_size)
+        extension.encode, extension.decode = recording_encode, recording_decode
+    return sent, received
+"#;
+
 /// Connects with Python `websockets` (compression="deflate"), records the RSV1 bit of every
 /// data frame it sends and receives through its permessage-deflate extension, sends one JSON
 /// message, reads the ack, then waits for one downlink; prints a JSON report.
@@ -263,17 +287,7 @@ async def main(uri):
     async with connect(uri, compression="deflate", ping_interval=None) as ws:
         header = ws.response.headers.get("Sec-WebSocket-Extensions")
         extensions = ws.protocol.extensions
-        sent, received = [], []
-        for extension in extensions:
-            encode, decode = extension.encode, extension.decode
-            def recording_encode(frame, encode=encode):
-                out = encode(frame)
-                sent.append([out.opcode.value, out.rsv1])
-                return out
-            def recording_decode(frame, *, max_size=None, decode=decode):
-                received.append([frame.opcode.value, frame.rsv1])
-                return decode(frame, max_size=max_size)
-            extension.encode, extension.decode = recording_encode, recording_decode
+        sent, received = record_data_frames(extensions)
         message = {"messageId": "m-1", "readings": [{"sensor": "t%d" % i, "celsius": 20.5} for i in range(50)]}
         await ws.send(json.dumps(message))
         ack = json.loads(await asyncio.wait_for(ws.recv(), 10))
@@ -294,7 +308,7 @@ async fn a_real_client_sends_and_receives_compressed_messages() {
     let client = tokio::task::spawn_blocking(move || {
         Command::new(python)
             .arg("-c")
-            .arg(PYTHON_CLIENT)
+            .arg(format!("{RECORD_DATA_FRAMES}{PYTHON_CLIENT}"))
             .arg(uri)
             .output()
             .expect("run python")
@@ -519,26 +533,263 @@ async fn bad_compression_values_are_422_naming_the_field() {
         ],
         "{body}"
     );
-    // Client mode cannot compress yet: refused, not silently ignored.
+    // Client mode compresses too: the same settings are accepted and kept.
     let client = json!({"key": "out", "name": "o", "listenerType": "websocket", "mode": "client",
         "contentType": "json", "hostName": "127.0.0.1", "port": 9, "path": "/x", "sentinel": "sen",
-        "compression": {"enabled": true}});
-    let body = expect_error(
-        server.create("listeners", &client).await,
-        422,
-        "validation_failed",
-    )
-    .await;
-    assert_eq!(detail_pointers(&body), ["/compression/enabled"], "{body}");
-    assert!(
-        body.to_string()
-            .contains("not supported in client mode yet"),
-        "{body}"
-    );
+        "enabled": false, "compression": {"enabled": true, "serverMaxWindowBits": 10}});
+    server.create_ok("listeners", &client).await;
+    let stored = server.get_ok("/api/v1/listeners/out").await;
+    assert_eq!(stored["compression"], client["compression"], "{stored}");
     // Valid settings are kept as written.
     def["compression"] = json!({"enabled": true, "threshold": 256, "serverNoContextTakeover": true,
         "serverMaxWindowBits": 12, "clientMaxWindowBits": 10});
     server.create_ok("listeners", &def).await;
     let stored = server.get_ok("/api/v1/listeners/bad").await;
     assert_eq!(stored["compression"], def["compression"], "{stored}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client mode
+// ---------------------------------------------------------------------------------------------
+
+/// A Python `websockets` server with compression (its default): prints `{"port": N}`, then for
+/// the first connection prints a JSON report. `echo`: sends one compressible JSON message and
+/// reads the echo; `bomb`: sends 4 MiB of zeros (a few KiB compressed) and reports the close.
+/// The RSV1 bit of every data frame either way is recorded with [`RECORD_DATA_FRAMES`].
+const PYTHON_SERVER: &str = r#"
+import asyncio, json, sys
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
+
+async def main(mode):
+    done = asyncio.get_running_loop().create_future()
+    async def handler(ws):
+        if done.done():
+            await ws.wait_closed()
+            return
+        offer = ws.request.headers.get("Sec-WebSocket-Extensions")
+        answer = ws.response.headers.get("Sec-WebSocket-Extensions")
+        extensions = ws.protocol.extensions
+        sent, received = record_data_frames(extensions)
+        report = {"offer": offer, "answer": answer, "extensions": [e.name for e in extensions]}
+        if mode == "echo":
+            message = {"deviceId": "gw-1", "readings": [{"sensor": "t%d" % i, "celsius": 20.5} for i in range(50)]}
+            await ws.send(json.dumps(message))
+            report["echo"] = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        else:
+            await ws.send("0" * (4 << 20))
+            try:
+                await asyncio.wait_for(ws.recv(), 10)
+            except ConnectionClosed:
+                pass
+            report["closeCode"] = ws.close_code
+            report["closeReason"] = ws.close_reason
+        report["sent"], report["received"] = sent, received
+        done.set_result(report)
+    async with serve(handler, "127.0.0.1", 0, compression="deflate", max_size=None,
+                     ping_interval=None) as server:
+        print(json.dumps({"port": server.sockets[0].getsockname()[1]}), flush=True)
+        print(json.dumps(await asyncio.wait_for(done, 60)), flush=True)
+
+asyncio.run(main(sys.argv[1]))
+"#;
+
+/// The Python server of [`PYTHON_SERVER`], running.
+struct PythonServer {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    port: u16,
+}
+
+impl PythonServer {
+    fn start(mode: &str) -> Self {
+        let mut child = Command::new(python_clients())
+            .arg("-c")
+            .arg(format!("{RECORD_DATA_FRAMES}{PYTHON_SERVER}"))
+            .arg(mode)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run python");
+        let stdout = child.stdout.take().unwrap();
+        let (sender, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = sender.send(line);
+            }
+        });
+        let first = lines
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the Python server printed its port");
+        let port = serde_json::from_str::<Value>(&first).unwrap()["port"]
+            .as_u64()
+            .unwrap() as u16;
+        Self { child, lines, port }
+    }
+
+    /// The report of the first connection.
+    async fn report(&mut self) -> Value {
+        let line = tokio::task::block_in_place(|| self.lines.recv_timeout(Duration::from_secs(60)))
+            .expect("the Python server's report");
+        serde_json::from_str(&line).unwrap()
+    }
+}
+
+impl Drop for PythonServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client-mode listener `out` to `127.0.0.1:port/feed` with compression on (threshold 16),
+/// echo on, 1 MiB messages, routed to the websocket downstream `/stream/out`.
+async fn client_mode_setup(server: &TestServer, port: u16, compression: Value) {
+    server
+        .create_ok(
+            "downstreams",
+            &ws_downstream_def("out", "/stream/out", "envelope"),
+        )
+        .await;
+    server
+        .create_ok("routes", &route_def("all", &["out"]))
+        .await;
+    let def = json!({"key": "out", "name": "Out", "listenerType": "websocket", "mode": "client",
+        "contentType": "json", "hostName": "127.0.0.1", "port": port, "path": "/feed",
+        "echo": true, "maxMessageBytes": 1 << 20, "heartbeatSeconds": 0,
+        // The remote is trusted with Basic credentials (no sentinel); plain ws:// on loopback.
+        "anonymous": false, "userName": "gw", "password": "gw-pass-1234",
+        "allowInsecureCredentials": true,
+        "compression": compression});
+    server.create_ok("listeners", &def).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_mode_compresses_both_ways_with_a_real_server() {
+    let mut remote = PythonServer::start("echo");
+    let server = TestServer::start().await;
+    client_mode_setup(
+        &server,
+        remote.port,
+        json!({"enabled": true, "threshold": 16}),
+    )
+    .await;
+    let mut sub = server.subscribe("/stream/out").await;
+    let report = remote.report().await;
+    // iotgate offered the extension, allowing the server to limit its window.
+    assert_eq!(
+        report["offer"], "permessage-deflate; client_max_window_bits",
+        "{report}"
+    );
+    assert!(
+        report["answer"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("permessage-deflate")),
+        "{report}"
+    );
+    assert_eq!(report["extensions"], json!(["permessage-deflate"]));
+    // The server's message was compressed and reached the route inflated and whole ...
+    assert_eq!(report["sent"], json!([[1, true]]), "{report}");
+    let got = recv_n_json(&mut sub, 1, WAIT).await;
+    assert_eq!(got[0]["listenerKey"], "out", "{}", got[0]);
+    assert_eq!(
+        got[0]["payload"]["readings"].as_array().map(Vec::len),
+        Some(50),
+        "{}",
+        got[0]
+    );
+    // ... and iotgate's echo went back compressed.
+    assert_eq!(report["received"], json!([[1, true]]), "{report}");
+    assert_eq!(report["echo"], got[0]["payload"], "{report}");
+    let status = server.listener_status("out").await;
+    assert_eq!(status["messagesAccepted"], 1, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_mode_closes_a_compression_bomb_with_1009() {
+    let mut remote = PythonServer::start("bomb");
+    let server = TestServer::start().await;
+    client_mode_setup(&server, remote.port, json!({"enabled": true})).await;
+    let report = remote.report().await;
+    // 4 MiB of zeros in a few KiB: stopped at the 1 MiB cap, with a close frame saying why.
+    assert_eq!(report["sent"], json!([[1, true]]), "{report}");
+    assert_eq!(report["closeCode"], 1009, "{report}");
+    assert!(
+        report["closeReason"]
+            .as_str()
+            .is_some_and(|r| r.contains("inflates past")),
+        "{report}"
+    );
+    let status = server.wait_listener_state("out", "retrying").await;
+    assert!(
+        status["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains("inflates past")),
+        "{status}"
+    );
+}
+
+/// A server whose answer breaks the offer: `server_max_window_bits=12` when iotgate asked for 10.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_mode_fails_an_answer_that_breaks_the_offer_with_1002() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = TestServer::start().await;
+    client_mode_setup(
+        &server,
+        port,
+        json!({"enabled": true, "serverMaxWindowBits": 10}),
+    )
+    .await;
+    let (tcp, _) = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .expect("iotgate connects")
+        .unwrap();
+    let offered = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let seen = offered.clone();
+    #[allow(clippy::result_large_err)] // the callback's signature is tungstenite's
+    let answer_too_large =
+        move |request: &tokio_tungstenite::tungstenite::handshake::server::Request,
+              mut response: tokio_tungstenite::tungstenite::handshake::server::Response| {
+            *seen.lock().unwrap() = request
+                .headers()
+                .get("sec-websocket-extensions")
+                .map(|v| v.to_str().unwrap().to_owned());
+            response.headers_mut().insert(
+                "sec-websocket-extensions",
+                "permessage-deflate; server_max_window_bits=12"
+                    .parse()
+                    .unwrap(),
+            );
+            Ok(response)
+        };
+    let mut ws = tokio_tungstenite::accept_hdr_async(tcp, answer_too_large)
+        .await
+        .unwrap();
+    assert_eq!(
+        offered.lock().unwrap().as_deref(),
+        Some("permessage-deflate; server_max_window_bits=10; client_max_window_bits")
+    );
+    let close = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut ws))
+        .await
+        .expect("a close frame");
+    let Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(frame)))) = close else {
+        panic!("expected a close frame, got {close:?}");
+    };
+    assert_eq!(u16::from(frame.code), 1002);
+    assert!(
+        frame.reason.contains("server_max_window_bits=12"),
+        "{}",
+        frame.reason
+    );
+    let status = server.wait_listener_state("out", "retrying").await;
+    assert!(
+        status["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains("more than the 10")),
+        "{status}"
+    );
 }

@@ -1,12 +1,12 @@
 //! Per-listener permessage-deflate settings (RFC 7692): the `compression` object of a listener
-//! definition. Off unless `enabled`; the other fields bound what iotgate agrees to when a peer
-//! offers the extension. [`EffectiveCompressionSettings`] is what the listener code reads, with
-//! the defaults applied.
+//! definition. Off unless `enabled`; the other fields bound what iotgate agrees to when a device
+//! offers the extension (server mode), or what it offers to the remote server (client mode). The
+//! names are the RFC's: `server*` is the WebSocket server's side, `client*` the client's.
+//! [`EffectiveCompressionSettings`] is what the listener code reads, with the defaults applied.
 
 use serde::{Deserialize, Serialize};
 
-use crate::definition::{ListenerDefinition, ListenerMode};
-use crate::schema::Problem;
+use crate::definition::ListenerDefinition;
 
 /// Messages shorter than this go out uncompressed when nothing is set: below it the deflate
 /// header and the CPU cost outweigh what compression saves.
@@ -60,20 +60,6 @@ impl ListenerDefinition {
             client_max_window_bits: given.client_max_window_bits.unwrap_or(15),
             threshold: given.threshold.unwrap_or(DEFAULT_COMPRESSION_THRESHOLD),
         })
-    }
-
-    /// Rules the schema cannot say: client-mode listeners do not negotiate compression yet, and
-    /// a setting that would do nothing is refused rather than accepted.
-    pub fn validate_compression(&self, problems: &mut Vec<Problem>) {
-        let Some(given) = &self.compression else {
-            return;
-        };
-        if given.enabled && self.mode == ListenerMode::Client {
-            problems.push(Problem::new(
-                "/compression/enabled",
-                "permessage-deflate is not supported in client mode yet: the outgoing connection would not compress; leave compression off on client-mode listeners",
-            ));
-        }
     }
 }
 
@@ -138,14 +124,13 @@ mod tests {
     }
 
     #[test]
-    fn client_mode_refuses_compression() {
-        let client = |enabled: bool| {
-            parse(&listener(
-                json!({"mode": "client", "hostName": "feed.example",
-                "compression": {"enabled": enabled}}),
-            ))
-        };
-        assert_eq!(client(true).unwrap_err(), ["/compression/enabled"]);
-        assert!(client(false).is_ok());
+    fn client_mode_compresses_too() {
+        let d = parse(&listener(
+            json!({"mode": "client", "hostName": "feed.example",
+            "compression": {"enabled": true, "serverMaxWindowBits": 12}}),
+        ))
+        .unwrap();
+        let settings = d.compression_settings().unwrap();
+        assert_eq!(settings.server_max_window_bits, 12);
     }
 }

@@ -1549,7 +1549,6 @@ impl Definition {
             Definition::Listener(d) => {
                 let mut problems = d.validate(password_stored);
                 d.validate_websocket(document, &mut problems);
-                d.validate_compression(&mut problems);
                 problems
             }
             Definition::Sentinel(d) => d.validate(),

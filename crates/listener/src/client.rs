@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
+use iotgate_core::compression_settings::EffectiveCompressionSettings;
 use iotgate_core::definition::ListenerDefinition;
 use iotgate_core::envelope::ConnectionMetadata;
 use iotgate_core::log_safe::url_for_log;
@@ -31,6 +32,8 @@ use tracing::Instrument as _;
 
 use crate::acks::{drain_step, next_outcome, ready_answers, AckTracker, DRAIN_LIMIT};
 use crate::connection::{handle_frame, Connection};
+use crate::deflate::client_stream::{CompressingStream, InflateFailure};
+use crate::frame_guard::Violation;
 use crate::server::CONNECTION_IDS;
 use crate::status::{ListenerState, ListenerStatus};
 
@@ -43,6 +46,8 @@ pub struct ClientListener {
     pub status: Arc<ListenerStatus>,
     /// The definition's `websocket` settings with defaults and shorthands applied.
     websocket: EffectiveWebSocketSettings,
+    /// permessage-deflate to offer; `None` when the listener does not compress.
+    compression: Option<EffectiveCompressionSettings>,
     /// The unsealed password, only in memory, only when not anonymous.
     password: Option<String>,
     tls: Arc<rustls::ClientConfig>,
@@ -78,6 +83,7 @@ impl ClientListener {
     ) -> Self {
         Self {
             websocket: definition.websocket_settings(),
+            compression: definition.compression_settings(),
             definition,
             context,
             status,
@@ -191,30 +197,142 @@ impl ClientListener {
             .read_buffer_size(4096)
             .max_message_size(Some(websocket.max_message_bytes))
             .max_frame_size(Some(websocket.max_frame_bytes));
-        let connector = tokio_tungstenite::Connector::Rustls(self.tls.clone());
         let open_timeout = websocket
             .open_handshake_timeout
             .unwrap_or(iotgate_core::websocket_settings::DEFAULT_CLIENT_OPEN_HANDSHAKE_TIMEOUT);
-        let connected = tokio::time::timeout(
-            open_timeout,
-            tokio_tungstenite::connect_async_tls_with_config(
-                request,
-                Some(config),
-                true,
-                Some(connector),
-            ),
-        )
-        .await;
-        let (socket, _response) = match connected {
-            Err(_) => {
-                return SessionEnd::Dropped(format!(
-                    "connect and upgrade timed out after {} ms (openHandshakeTimeoutMs)",
-                    open_timeout.as_millis()
-                ))
-            }
-            Ok(Err(error)) => return SessionEnd::Dropped(format!("connect failed: {error}")),
-            Ok(Ok(parts)) => parts,
+        let timed_out = || {
+            SessionEnd::Dropped(format!(
+                "connect and upgrade timed out after {} ms (openHandshakeTimeoutMs)",
+                open_timeout.as_millis()
+            ))
         };
+        match &self.compression {
+            None => {
+                let connector = tokio_tungstenite::Connector::Rustls(self.tls.clone());
+                let connected = tokio::time::timeout(
+                    open_timeout,
+                    tokio_tungstenite::connect_async_tls_with_config(
+                        request,
+                        Some(config),
+                        true,
+                        Some(connector),
+                    ),
+                )
+                .await;
+                match connected {
+                    Err(_) => timed_out(),
+                    Ok(Err(error)) => SessionEnd::Dropped(format!("connect failed: {error}")),
+                    Ok(Ok((socket, _response))) => self.serve_connected(socket, url, attempt).await,
+                }
+            }
+            Some(settings) => {
+                let connected = tokio::time::timeout(
+                    open_timeout,
+                    self.connect_compressing(request, config, settings),
+                )
+                .await;
+                match connected {
+                    Err(_) => timed_out(),
+                    Ok(Err(error)) => SessionEnd::Dropped(error),
+                    Ok(Ok(socket)) => self.serve_connected(socket, url, attempt).await,
+                }
+            }
+        }
+    }
+
+    /// Connects with a permessage-deflate offer: TCP, TLS for `wss`, then the upgrade over a
+    /// [`CompressingStream`], switched on as the server's answer says. An answer that does not
+    /// fit the offer fails the connection with 1002 and the reason.
+    async fn connect_compressing(
+        &self,
+        mut request: tokio_tungstenite::tungstenite::handshake::client::Request,
+        config: WebSocketConfig,
+        settings: &EffectiveCompressionSettings,
+    ) -> Result<
+        tokio_tungstenite::WebSocketStream<
+            CompressingStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+        >,
+        String,
+    > {
+        let offer = crate::deflate::client_offer::offer(settings);
+        request.headers_mut().insert(
+            "sec-websocket-extensions",
+            HeaderValue::from_str(&offer).map_err(|e| format!("invalid offer: {e}"))?,
+        );
+        let uri = request.uri().clone();
+        let secure = uri.scheme_str() == Some("wss");
+        let host = uri
+            .host()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+            .ok_or_else(|| "connect failed: the URL has no host".to_owned())?;
+        let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| format!("connect failed: {e}"))?;
+        tcp.set_nodelay(true)
+            .map_err(|e| format!("connect failed: {e}"))?;
+        let stream = if secure {
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| format!("connect failed: invalid host name {host}: {e}"))?;
+            let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("connect failed: TLS: {e}"))?;
+            tokio_tungstenite::MaybeTlsStream::Rustls(tls)
+        } else {
+            tokio_tungstenite::MaybeTlsStream::Plain(tcp)
+        };
+        let (mut socket, response) = tokio_tungstenite::client_async_with_config(
+            request,
+            CompressingStream::new(stream),
+            Some(config),
+        )
+        .await
+        .map_err(|e| format!("connect failed: {e}"))?;
+        let answers = response
+            .headers()
+            .get_all("sec-websocket-extensions")
+            .iter()
+            .filter_map(|value| value.to_str().ok());
+        match crate::deflate::client_offer::agreement(answers, settings) {
+            Ok(agreement) => {
+                match &agreement {
+                    Some(agreement) => {
+                        tracing::debug!(listener = %self.definition.key, answer = %agreement.response, "permessage-deflate negotiated")
+                    }
+                    None => {
+                        tracing::debug!(listener = %self.definition.key, "the server declined permessage-deflate; the connection runs uncompressed")
+                    }
+                }
+                socket.get_mut().start(
+                    agreement.as_ref(),
+                    self.websocket.max_frame_bytes,
+                    self.websocket.max_message_bytes,
+                );
+                Ok(socket)
+            }
+            Err(problem) => {
+                let reason = format!("invalid permessage-deflate answer: {problem}");
+                let frame = CloseFrame {
+                    code: CloseCode::Protocol,
+                    reason: truncate_reason(&reason).to_owned().into(),
+                };
+                let _ = socket.close(Some(frame)).await;
+                Err(format!("connect failed: {reason}"))
+            }
+        }
+    }
+
+    /// Serves an upgraded connection until it ends.
+    async fn serve_connected<S>(
+        &self,
+        socket: tokio_tungstenite::WebSocketStream<S>,
+        url: &str,
+        attempt: &mut u32,
+    ) -> SessionEnd
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         *attempt = 0;
         let counters = &self.context.counters;
         counters.connections.inc();
@@ -241,13 +359,14 @@ impl ClientListener {
         end
     }
 
-    async fn serve(
+    async fn serve<S>(
         &self,
-        socket: tokio_tungstenite::WebSocketStream<
-            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-        >,
+        socket: tokio_tungstenite::WebSocketStream<S>,
         connection: &Connection,
-    ) -> SessionEnd {
+    ) -> SessionEnd
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         let (mut sink, mut stream) = socket.split();
         let mut auth = self
             .pipeline
@@ -409,7 +528,7 @@ impl ClientListener {
                             // close frame naming it, or with failByDrop by dropping TCP.
                             if let Some(code) = violation_code(&error) {
                                 if !websocket.fail_by_drop {
-                                    let reason = error.to_string();
+                                    let reason = violation_reason(&error);
                                     close_first(&mut sink, &mut stream, code, truncate_reason(&reason), close_timeout).await;
                                 }
                             }
@@ -480,6 +599,31 @@ fn violation_code(error: &tokio_tungstenite::tungstenite::Error) -> Option<Close
             tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
         ) => None,
         Error::Protocol(_) => Some(CloseCode::Protocol),
+        // A compressed message the stream under tungstenite could not inflate.
+        Error::Io(_) => inflate_failure(error).map(|failure| match failure.0 {
+            Violation::TooBig => CloseCode::Size,
+            Violation::InvalidUtf8 => CloseCode::Invalid,
+            Violation::Protocol => CloseCode::Protocol,
+        }),
+        _ => None,
+    }
+}
+
+/// The close reason for a violation: what the inflater found, or tungstenite's words.
+fn violation_reason(error: &tokio_tungstenite::tungstenite::Error) -> String {
+    match inflate_failure(error) {
+        Some(failure) => failure.to_string(),
+        None => error.to_string(),
+    }
+}
+
+/// The inflater's verdict carried by a read error, if that is what it is.
+fn inflate_failure(error: &tokio_tungstenite::tungstenite::Error) -> Option<InflateFailure> {
+    match error {
+        tokio_tungstenite::tungstenite::Error::Io(io) => io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<InflateFailure>())
+            .copied(),
         _ => None,
     }
 }

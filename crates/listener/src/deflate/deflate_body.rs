@@ -1,9 +1,13 @@
-//! Outbound permessage-deflate: the upgrade response's body is the byte stream of server frames
-//! actix-ws encodes from everything written through the `Session` (acks, errors, downlinks, Web
-//! PubSub frames). This body sits behind it and compresses the payload of each data message of
-//! at least `threshold` bytes (RSV1 on its first frame, the deflate tail stripped from its end,
-//! RFC 7692 §7.2.1); control frames and shorter messages pass unchanged. A chunk with nothing to
-//! compress is passed on as it is, without a copy.
+//! Outbound permessage-deflate: [`MessageDeflater`] rewrites the byte stream of frames iotgate
+//! writes, compressing the payload of each data message of at least `threshold` bytes (RSV1 on
+//! its first frame, the deflate tail stripped from its end, RFC 7692 §7.2.1); control frames and
+//! shorter messages pass unchanged. A chunk with nothing to compress is passed on as it is,
+//! without a copy.
+//!
+//! In server mode it sits behind actix-ws's encoder, as the upgrade response's body (everything
+//! written through the `Session`: acks, errors, downlinks, Web PubSub frames). In client mode it
+//! sits behind tungstenite's (see [`super::client_stream`]): those frames are masked, so a
+//! payload is unmasked, compressed, and masked again with its frame's key.
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -13,12 +17,16 @@ use actix_web::web::Bytes;
 use bytes::BytesMut;
 use flate2::{Compress, Compression, FlushCompress};
 
-use super::{write_frame_header, Agreement, HeaderReader, DEFLATE_TAIL};
+use super::negotiation::SMALLEST_ZLIB_WINDOW_BITS;
+use super::{write_frame_header, Agreement, HeaderReader, Role, DEFLATE_TAIL};
 
 /// Compresses the data messages of a server frame stream.
 pub struct MessageDeflater {
     compress: Compress,
-    /// `server_no_context_takeover`: every message is compressed on its own.
+    /// False when the agreed window is one zlib cannot compress with (8 bits): every message
+    /// then goes out uncompressed, which RFC 7692 allows.
+    enabled: bool,
+    /// No context takeover for iotgate's side: every message is compressed on its own.
     reset_each_message: bool,
     threshold: usize,
     /// A fragmented message is in progress; whether it is being compressed.
@@ -27,27 +35,37 @@ pub struct MessageDeflater {
     partial: BytesMut,
     /// Compressed payload of the frame being written, reused.
     compressed: Vec<u8>,
+    /// The unmasked payload of a masked frame being compressed, reused.
+    unmasked: Vec<u8>,
 }
 
 impl MessageDeflater {
-    pub fn new(agreement: &Agreement) -> Self {
+    /// The deflater for what iotgate in `role` sends.
+    pub fn new(agreement: &Agreement, role: Role) -> Self {
+        let own = agreement.own_compression(role);
+        let enabled = own.window_bits >= SMALLEST_ZLIB_WINDOW_BITS;
         Self {
             compress: Compress::new_with_window_bits(
                 Compression::default(),
                 false,
-                agreement.server_window_bits,
+                own.window_bits.max(SMALLEST_ZLIB_WINDOW_BITS),
             ),
-            reset_each_message: agreement.server_no_context_takeover,
+            enabled,
+            reset_each_message: own.no_context_takeover,
             threshold: agreement.threshold,
             fragmented: None,
             partial: BytesMut::new(),
             compressed: Vec::new(),
+            unmasked: Vec::new(),
         }
     }
 
     /// Whether a data frame is compressed: fragmented messages always (their size is not known
     /// from their first frame), whole ones from the threshold on.
     fn compresses(&self, opcode: u8, fin: bool, length: u64) -> bool {
+        if !self.enabled {
+            return false;
+        }
         match opcode {
             0x1 | 0x2 => !fin || length >= self.threshold as u64,
             0x0 => self.fragmented == Some(true),
@@ -116,14 +134,26 @@ impl MessageDeflater {
                     self.fragmented = (!fin).then_some(false);
                 }
             } else {
-                self.compress_payload(payload, fin)?;
+                match header.mask {
+                    None => self.compress_payload(payload, fin)?,
+                    Some(key) => {
+                        let mut unmasked = std::mem::take(&mut self.unmasked);
+                        unmasked.clear();
+                        unmasked.extend_from_slice(payload);
+                        apply_mask(&mut unmasked, key);
+                        let compressed = self.compress_payload(&unmasked, fin);
+                        self.unmasked = unmasked;
+                        compressed?;
+                        apply_mask(&mut self.compressed, key);
+                    }
+                }
                 // RSV1 marks the first frame of a compressed message only (RFC 7692 §6).
                 let rsv1 = if opcode == 0x0 { 0 } else { 0x40 };
                 write_frame_header(
                     &mut out,
                     header.first_byte | rsv1,
                     self.compressed.len(),
-                    None,
+                    header.mask,
                 );
                 out.extend_from_slice(&self.compressed);
                 self.fragmented = (!fin).then_some(true);
@@ -168,6 +198,13 @@ impl MessageDeflater {
     }
 }
 
+/// XORs `bytes` with the mask `key` (RFC 6455 §5.3), from the payload's first byte.
+fn apply_mask(bytes: &mut [u8], key: [u8; 4]) {
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        *byte ^= key[i % 4];
+    }
+}
+
 /// The upgrade response body with [`MessageDeflater`] behind actix-ws's encoder.
 pub struct DeflatingBody {
     inner: BoxBody,
@@ -202,7 +239,7 @@ pub fn deflating_response(
     response: actix_web::HttpResponse,
     agreement: &Agreement,
 ) -> actix_web::HttpResponse {
-    let deflater = MessageDeflater::new(agreement);
+    let deflater = MessageDeflater::new(agreement, Role::Server);
     response
         .map_body(|_, inner| DeflatingBody { inner, deflater })
         .map_into_boxed_body()
@@ -263,7 +300,7 @@ mod tests {
 
     #[test]
     fn small_messages_and_control_frames_pass_without_a_copy() {
-        let mut deflater = MessageDeflater::new(&agreement(false, 64));
+        let mut deflater = MessageDeflater::new(&agreement(false, 64), Role::Server);
         let mut chunk = BytesMut::new();
         chunk.extend_from_slice(&frame(0x81, b"{\"ack\":1}"));
         chunk.extend_from_slice(&frame(0x89, b"ping"));
@@ -276,7 +313,7 @@ mod tests {
 
     #[test]
     fn messages_from_the_threshold_on_are_compressed_and_inflate_back() {
-        let mut deflater = MessageDeflater::new(&agreement(false, 64));
+        let mut deflater = MessageDeflater::new(&agreement(false, 64), Role::Server);
         let text = "{\"deviceId\":\"sensor-1\",\"status\":\"accepted\"}".repeat(40);
         let mut decompress = Decompress::new_with_window_bits(false, 10);
         // Two messages in one chunk, the second cut across two chunks, a ping between.
@@ -304,7 +341,7 @@ mod tests {
 
     #[test]
     fn no_context_takeover_compresses_every_message_alone() {
-        let mut deflater = MessageDeflater::new(&agreement(true, 0));
+        let mut deflater = MessageDeflater::new(&agreement(true, 0), Role::Server);
         let text = "abcdefgh".repeat(100);
         let first = deflater.rewrite(frame(0x81, text.as_bytes())).unwrap();
         let second = deflater.rewrite(frame(0x81, text.as_bytes())).unwrap();
@@ -317,7 +354,7 @@ mod tests {
 
     #[test]
     fn fragmented_messages_set_rsv1_on_the_first_frame_only() {
-        let mut deflater = MessageDeflater::new(&agreement(false, 1000));
+        let mut deflater = MessageDeflater::new(&agreement(false, 1000), Role::Server);
         let mut stream = BytesMut::new();
         stream.extend_from_slice(&frame(0x01, b"hello "));
         stream.extend_from_slice(&frame(0x89, b""));

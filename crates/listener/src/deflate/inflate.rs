@@ -1,13 +1,15 @@
-//! Inbound permessage-deflate: a stream in front of the frame guard that turns every compressed
-//! client message (RSV1 on its first frame) into ordinary frames carrying the inflated bytes.
+//! Inbound permessage-deflate: turns every compressed message of the peer (RSV1 on its first
+//! frame) into ordinary frames carrying the inflated bytes.
 //!
-//! The guard and actix's codec behind it then see an uncompressed message and apply their rules
-//! to the inflated bytes: the message cap and UTF-8 of text. The frame cap is checked here, on
-//! the compressed frame as it came and on what it inflates to; the frames written here are
-//! never larger than it. Frames written here are masked with the key 0 (the codec wants
-//! masked client frames, and XOR with 0 leaves the payload as inflated). Every other frame
-//! passes through untouched, reserved bits and all, so RSV1 on a continuation or a control frame
-//! still reaches the guard and fails with 1002.
+//! In server mode [`MessageInflater`] sits in front of the frame guard: the guard and actix's
+//! codec behind it then see an uncompressed message and apply their rules to the inflated bytes
+//! (the message cap and UTF-8 of text). In client mode it sits in front of tungstenite (see
+//! [`super::client_stream`]). The frame cap is checked here, on the compressed frame as it came
+//! and on what it inflates to; the frames written here are never larger than it. In server mode
+//! the frames written here are masked with the key 0 (the codec wants masked client frames, and
+//! XOR with 0 leaves the payload as inflated); in client mode they are unmasked, as server
+//! frames are. Every other frame passes through untouched, reserved bits and all, so RSV1 on a
+//! continuation or a control frame still reaches the guard (or tungstenite) and fails with 1002.
 //!
 //! A compression bomb cannot grow memory: inflating happens in steps of at most one output frame,
 //! this stream yields once a frame is ready, and the message is stopped (1009) as soon as its
@@ -23,7 +25,7 @@ use bytes::BytesMut;
 use flate2::{Decompress, FlushDecompress, Status};
 use futures_util::Stream;
 
-use super::{write_frame_header, Agreement, FrameHeader, HeaderReader, DEFLATE_TAIL};
+use super::{write_frame_header, Agreement, FrameHeader, HeaderReader, Role, DEFLATE_TAIL};
 use crate::frame_guard::{GuardVerdict, PayloadPoll, StreamState, Violation};
 
 /// Largest frame written for inflated bytes (lower when the frame cap is lower).
@@ -50,8 +52,11 @@ enum CurrentFrame {
     },
 }
 
-/// Rewrites the client byte stream of a connection that negotiated permessage-deflate.
+/// Rewrites the peer's byte stream of a connection that negotiated permessage-deflate.
 pub struct MessageInflater {
+    /// The peer's frames are masked (iotgate is the server); the frames written here are then
+    /// masked with the zero key, else unmasked.
+    masked: bool,
     decompress: Decompress,
     /// `client_no_context_takeover`: every message starts with an empty window.
     reset_each_message: bool,
@@ -77,7 +82,7 @@ pub struct MessageInflater {
 
 /// Why [`MessageInflater::process`] returned.
 #[derive(Debug, PartialEq, Eq)]
-enum Progress {
+pub(crate) enum Progress {
     /// The input is used up.
     NeedInput,
     /// A frame's worth of output is ready; call again with the rest of the input.
@@ -85,11 +90,19 @@ enum Progress {
 }
 
 impl MessageInflater {
-    pub fn new(agreement: &Agreement, max_frame_bytes: usize, max_message_bytes: usize) -> Self {
+    /// The inflater for what the peer of iotgate in `role` sends.
+    pub fn new(
+        agreement: &Agreement,
+        role: Role,
+        max_frame_bytes: usize,
+        max_message_bytes: usize,
+    ) -> Self {
         let output_frame_bytes = OUTPUT_FRAME_BYTES.min(max_frame_bytes).max(1);
+        let peer = agreement.peer_compression(role);
         Self {
-            decompress: Decompress::new_with_window_bits(false, agreement.client_window_bits),
-            reset_each_message: agreement.client_no_context_takeover,
+            masked: role == Role::Server,
+            decompress: Decompress::new_with_window_bits(false, peer.window_bits),
+            reset_each_message: peer.no_context_takeover,
             max_frame_bytes: max_frame_bytes as u64,
             max_message_bytes: max_message_bytes as u64,
             header: HeaderReader::default(),
@@ -106,7 +119,7 @@ impl MessageInflater {
     }
 
     /// Reads `input` from `*at`, appending what goes on to `out`.
-    fn process(
+    pub(crate) fn process(
         &mut self,
         input: &[u8],
         at: &mut usize,
@@ -148,7 +161,7 @@ impl MessageInflater {
     /// Decides what a complete header starts: a compressed frame to inflate, or a frame to pass.
     fn start_frame(&mut self, header: &FrameHeader, out: &mut BytesMut) -> Result<(), Violation> {
         let opcode = header.opcode();
-        let well_formed = !header.other_reserved_bits() && header.mask.is_some();
+        let well_formed = !header.other_reserved_bits() && header.mask.is_some() == self.masked;
         let starts_compressed =
             well_formed && header.rsv1() && matches!(opcode, 0x1 | 0x2) && self.message_opcode == 0;
         let continues_compressed =
@@ -296,7 +309,8 @@ impl MessageInflater {
         };
         let first_byte = if fin { 0x80 } else { 0 } | opcode;
         out.reserve(14 + self.output_len);
-        write_frame_header(out, first_byte, self.output_len, Some(ZERO_MASK));
+        let mask = self.masked.then_some(ZERO_MASK);
+        write_frame_header(out, first_byte, self.output_len, mask);
         out.extend_from_slice(&self.output[..self.output_len]);
         self.output_len = 0;
         self.message_started = true;
@@ -397,7 +411,7 @@ pub fn inflating_payload(
 ) -> actix_web::dev::Payload {
     let inflating = InflatingPayload {
         inner: payload,
-        inflater: MessageInflater::new(agreement, max_frame_bytes, max_message_bytes),
+        inflater: MessageInflater::new(agreement, Role::Server, max_frame_bytes, max_message_bytes),
         pending: Bytes::new(),
         at: 0,
         out: BytesMut::new(),
@@ -507,7 +521,8 @@ mod tests {
         let again = deflate(&mut compress, b"hello hello hello");
         stream.extend(frame(0xc1, &again));
         for read in [1, 7, 1000, stream.len()] {
-            let mut inflater = MessageInflater::new(&agreement(false), 1 << 20, 1 << 20);
+            let mut inflater =
+                MessageInflater::new(&agreement(false), Role::Server, 1 << 20, 1 << 20);
             let out = inflate_all(&mut inflater, &stream, read).unwrap();
             assert_eq!(
                 messages(&out, OUTPUT_FRAME_BYTES as u64),
@@ -524,7 +539,7 @@ mod tests {
 
     #[test]
     fn no_context_takeover_resets_the_window() {
-        let mut inflater = MessageInflater::new(&agreement(true), 4096, 4096);
+        let mut inflater = MessageInflater::new(&agreement(true), Role::Server, 4096, 4096);
         let mut compress = Compress::new(Compression::default(), false);
         let first = deflate(&mut compress, b"abcabcabcabc");
         compress.reset();
@@ -541,7 +556,7 @@ mod tests {
         let mut compress = Compress::new(Compression::best(), false);
         let bomb = deflate(&mut compress, &zeros);
         assert!(bomb.len() < 16 << 10);
-        let mut inflater = MessageInflater::new(&agreement(false), 1 << 20, 1 << 20);
+        let mut inflater = MessageInflater::new(&agreement(false), Role::Server, 1 << 20, 1 << 20);
         let stream = frame(0xc2, &bomb);
         let mut out = BytesMut::new();
         let mut at = 0;
@@ -564,11 +579,11 @@ mod tests {
         // RSV1 on a ping, or on a continuation with no message, is not inflated: it goes on
         // unchanged and the guard refuses it (1002).
         for stream in [frame(0xc9, b"x"), frame(0xc0, b"x")] {
-            let mut inflater = MessageInflater::new(&agreement(false), 4096, 4096);
+            let mut inflater = MessageInflater::new(&agreement(false), Role::Server, 4096, 4096);
             assert_eq!(inflate_all(&mut inflater, &stream, 3).unwrap(), stream);
         }
         // Nor on the continuation of a compressed message.
-        let mut inflater = MessageInflater::new(&agreement(false), 4096, 4096);
+        let mut inflater = MessageInflater::new(&agreement(false), Role::Server, 4096, 4096);
         let compressed = deflate(&mut Compress::new(Compression::fast(), false), b"a");
         let mut stream = frame(0x41, &compressed);
         let continuation = frame(0xc0, b"x");
@@ -582,7 +597,7 @@ mod tests {
 
     #[test]
     fn corrupt_data_is_a_protocol_error() {
-        let mut inflater = MessageInflater::new(&agreement(false), 4096, 4096);
+        let mut inflater = MessageInflater::new(&agreement(false), Role::Server, 4096, 4096);
         let stream = frame(0xc1, &[0xff; 32]);
         assert_eq!(
             inflate_all(&mut inflater, &stream, 100),
@@ -592,7 +607,7 @@ mod tests {
 
     #[test]
     fn oversized_wire_frames_are_too_big() {
-        let mut inflater = MessageInflater::new(&agreement(false), 16, 4096);
+        let mut inflater = MessageInflater::new(&agreement(false), Role::Server, 16, 4096);
         let stream = frame(0xc1, &[0; 17]);
         assert_eq!(
             inflate_all(&mut inflater, &stream, 100),
@@ -606,7 +621,7 @@ mod tests {
         let message = deflate(&mut compress, &[b'a'; 3000]);
         assert!(message.len() < 100);
         // 3000 bytes from one frame: over a 1000-byte frame cap, under the message cap.
-        let mut inflater = MessageInflater::new(&agreement(false), 1000, 1 << 20);
+        let mut inflater = MessageInflater::new(&agreement(false), Role::Server, 1000, 1 << 20);
         assert_eq!(
             inflate_all(&mut inflater, &frame(0xc1, &message), 100),
             Err(Violation::TooBig)
@@ -630,7 +645,7 @@ mod tests {
             };
             stream.extend(frame(first_byte, &out));
         }
-        let mut inflater = MessageInflater::new(&agreement(false), 1000, 1 << 20);
+        let mut inflater = MessageInflater::new(&agreement(false), Role::Server, 1000, 1 << 20);
         let out = inflate_all(&mut inflater, &stream, 100).unwrap();
         assert_eq!(messages(&out, 1000), [(0x1, vec![b'a'; 3000])]);
     }

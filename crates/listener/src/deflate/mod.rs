@@ -1,21 +1,26 @@
-//! permessage-deflate (RFC 7692) for server-mode connections. actix-ws has no WebSocket
-//! extensions, so the extension lives around it, on the byte streams:
+//! permessage-deflate (RFC 7692). Neither actix-ws (server mode) nor tungstenite (client mode)
+//! has WebSocket extensions, so the extension lives around them, on the byte streams:
 //!
-//! - [`negotiation`]: picks the first acceptable offer of the upgrade request's
+//! - [`negotiation`]: server mode picks the first acceptable offer of the upgrade request's
 //!   `Sec-WebSocket-Extensions` and words the answer;
-//! - [`inflate`]: in front of the frame guard, turns each compressed client message back into
-//!   ordinary masked frames, so the guard's caps and UTF-8 checks and actix's codec see the
-//!   inflated message;
-//! - [`deflate_body`]: behind actix-ws's encoder, compresses the data messages iotgate writes.
+//! - [`client_offer`]: client mode words the offer and checks the server's answer;
+//! - [`inflate`]: turns each compressed message of the peer back into ordinary frames, in front
+//!   of the frame guard (server mode) or of tungstenite (client mode), so their caps and UTF-8
+//!   checks see the inflated message;
+//! - [`deflate_body`]: compresses the data messages iotgate writes, behind actix-ws's encoder or
+//!   tungstenite's;
+//! - [`client_stream`]: the client-mode byte stream that carries both.
 //!
 //! Listeners without compression, and connections that did not negotiate it, never reach this
 //! module: their streams are not wrapped.
 
+pub mod client_offer;
+pub mod client_stream;
 pub mod deflate_body;
 pub mod inflate;
 pub mod negotiation;
 
-pub use negotiation::{negotiate, Agreement};
+pub use negotiation::{negotiate, Agreement, Direction, Role};
 
 /// The four bytes every sync-flushed deflate block ends with; RFC 7692 §7.2.1 strips them from
 /// each message on the wire and §7.2.2 appends them again before inflating.

@@ -5,36 +5,85 @@
 
 use iotgate_core::compression_settings::EffectiveCompressionSettings;
 
-const EXTENSION: &str = "permessage-deflate";
+pub(crate) const EXTENSION: &str = "permessage-deflate";
 /// zlib's deflate needs a window of at least 2^9 bytes (it refuses 8 for raw streams), and
 /// flate2 asks for 9 to 15 on both directions; a larger inflate window reads any smaller one.
-const SMALLEST_ZLIB_WINDOW_BITS: u8 = 9;
+pub(crate) const SMALLEST_ZLIB_WINDOW_BITS: u8 = 9;
 
-/// What both sides agreed to for one connection.
+/// What both sides agreed to for one connection. `server_*` and `client_*` are the RFC's
+/// WebSocket roles: the server is iotgate in server mode and the remote in client mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Agreement {
     /// The `Sec-WebSocket-Extensions` value of the upgrade response.
     pub response: String,
-    /// iotgate resets its compressor after every message.
+    /// The server resets its compressor after every message (the client may reset its inflater).
     pub server_no_context_takeover: bool,
-    /// The client resets its compressor after every message (iotgate resets its inflater).
+    /// The client resets its compressor after every message (the server resets its inflater).
     pub client_no_context_takeover: bool,
-    /// The window iotgate compresses with.
+    /// The window the server compresses with (and the client inflates with).
     pub server_window_bits: u8,
-    /// The window iotgate inflates with.
+    /// The window the client compresses with (and the server inflates with).
     pub client_window_bits: u8,
-    /// Messages shorter than this go out uncompressed.
+    /// Messages iotgate sends shorter than this go out uncompressed.
     pub threshold: usize,
 }
 
-/// One permessage-deflate offer's parameters.
+/// Which end of the WebSocket connection iotgate is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A server-mode listener: devices connected to iotgate.
+    Server,
+    /// A client-mode listener: iotgate connected out.
+    Client,
+}
+
+/// How one direction of a connection is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Direction {
+    pub window_bits: u8,
+    pub no_context_takeover: bool,
+}
+
+impl Agreement {
+    /// How iotgate, in `role`, compresses what it sends.
+    pub fn own_compression(&self, role: Role) -> Direction {
+        match role {
+            Role::Server => self.server_direction(),
+            Role::Client => self.client_direction(),
+        }
+    }
+
+    /// How the peer of iotgate in `role` compresses what it sends: what iotgate inflates.
+    pub fn peer_compression(&self, role: Role) -> Direction {
+        match role {
+            Role::Server => self.client_direction(),
+            Role::Client => self.server_direction(),
+        }
+    }
+
+    fn server_direction(&self) -> Direction {
+        Direction {
+            window_bits: self.server_window_bits,
+            no_context_takeover: self.server_no_context_takeover,
+        }
+    }
+
+    fn client_direction(&self) -> Direction {
+        Direction {
+            window_bits: self.client_window_bits,
+            no_context_takeover: self.client_no_context_takeover,
+        }
+    }
+}
+
+/// One permessage-deflate offer's (or response's) parameters.
 #[derive(Debug, Default)]
-struct Offer {
-    server_no_context_takeover: bool,
-    client_no_context_takeover: bool,
-    server_max_window_bits: Option<u8>,
+pub(crate) struct Offer {
+    pub server_no_context_takeover: bool,
+    pub client_no_context_takeover: bool,
+    pub server_max_window_bits: Option<u8>,
     /// `Some(None)`: offered without a value (the client accepts a limit from the server).
-    client_max_window_bits: Option<Option<u8>>,
+    pub client_max_window_bits: Option<Option<u8>>,
 }
 
 /// Picks the first offer in `header_values` (every `Sec-WebSocket-Extensions` value of the
@@ -52,7 +101,7 @@ pub fn negotiate<'a>(
 
 /// Parses one extension of the list; `None` for other extensions and for malformed offers
 /// (an unknown or repeated parameter, a value out of range), which RFC 7692 §5 says to decline.
-fn parse_offer(extension: &str) -> Option<Offer> {
+pub(crate) fn parse_offer(extension: &str) -> Option<Offer> {
     let mut parts = extension.split(';').map(str::trim);
     if !parts.next()?.eq_ignore_ascii_case(EXTENSION) {
         return None;
