@@ -50,6 +50,13 @@ pub(crate) enum Pool {
 /// Runs `$body` with `$pool` bound to the store's pool, whichever engine it is. The body is
 /// expanded once per engine; write it with SQL both engines accept.
 macro_rules! on_pool {
+    // A pool of the caller's choosing instead of the store's.
+    (pool $chosen:expr, $pool:ident => $body:expr) => {
+        match $chosen {
+            $crate::engine::Pool::Sqlite($pool) => $body,
+            $crate::engine::Pool::Postgres($pool) => $body,
+        }
+    };
     ($store:expr, $pool:ident => $body:expr) => {
         match &$store.pool {
             $crate::engine::Pool::Sqlite($pool) => $body,

@@ -11,6 +11,7 @@
 mod accounts;
 mod audit;
 pub mod changes;
+mod checkpoints;
 mod downlinks;
 pub mod engine;
 mod health;
@@ -93,6 +94,8 @@ impl StoreError {
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: Pool,
+    /// SQLite: the one connection telemetry batches are written on (see `connect_sqlite`).
+    sqlite_telemetry_writer: Option<sqlx::SqlitePool>,
     health: Arc<DatabaseHealth>,
     /// This process among the nodes sharing the database.
     node_id: Arc<str>,
@@ -101,6 +104,11 @@ pub struct Store {
 pub(crate) fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.is_unique_violation())
 }
+
+/// The page cache of the SQLite telemetry writer, in KiB (SQLite's negative `cache_size`): room
+/// for the pages the telemetry table and its indexes touch between batches. It fills only as
+/// pages are read.
+const TELEMETRY_WRITER_CACHE: &str = "-65536";
 
 /// How long a query waits for a pooled PostgreSQL connection. While the database is away, this is
 /// how fast callers learn it (a batch is retried, an API call answers 503) instead of hanging.
@@ -128,14 +136,33 @@ impl Store {
             // A writer waits this long for another to finish before its attempt fails; failed
             // telemetry batches are retried (or refused to waiting devices) by the store module.
             .busy_timeout(Duration::from_secs(5))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // Checkpoints run in the background (see `checkpoints`); a commit only checkpoints
+            // by itself once the log is this large.
+            .pragma(
+                "wal_autocheckpoint",
+                checkpoints::COMMIT_CHECKPOINT_PAGES.to_string(),
+            );
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         sqlx::migrate!("../../migrations/sqlite").run(&pool).await?;
+        checkpoints::spawn_checkpoints(pool.clone());
+        // Telemetry batches always go through one connection of their own. SQLite throws a
+        // connection's page cache away whenever another connection wrote, so batches spread over
+        // the pool would start every transaction cold and read the indexes' pages back from the
+        // OS; on one connection the pages they touch stay cached between batches.
+        let telemetry_writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options.pragma("cache_size", TELEMETRY_WRITER_CACHE))
+            .await?;
         Ok(Self {
             pool: Pool::Sqlite(pool),
+            sqlite_telemetry_writer: Some(telemetry_writer),
             health: Arc::new(DatabaseHealth::new()),
             node_id: Arc::from(uuid::Uuid::now_v7().to_string()),
         })
@@ -167,6 +194,7 @@ impl Store {
             .await?;
         Ok(Self {
             pool: Pool::Postgres(pool),
+            sqlite_telemetry_writer: None,
             health: Arc::new(DatabaseHealth::new()),
             node_id: Arc::from(uuid::Uuid::now_v7().to_string()),
         })
@@ -186,6 +214,9 @@ impl Store {
     }
 
     pub async fn close(&self) {
+        if let Some(writer) = &self.sqlite_telemetry_writer {
+            writer.close().await;
+        }
         on_pool!(self, pool => pool.close().await)
     }
 
