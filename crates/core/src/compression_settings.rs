@@ -49,16 +49,38 @@ pub struct EffectiveCompressionSettings {
     pub threshold: usize,
 }
 
+impl Default for EffectiveCompressionSettings {
+    /// What `{"enabled": true}` alone means: full windows, context takeover both ways.
+    fn default() -> Self {
+        Self {
+            server_no_context_takeover: false,
+            client_no_context_takeover: false,
+            server_max_window_bits: 15,
+            client_max_window_bits: 15,
+            threshold: DEFAULT_COMPRESSION_THRESHOLD,
+        }
+    }
+}
+
 impl ListenerDefinition {
     /// The compression settings, or `None` when compression is off.
     pub fn compression_settings(&self) -> Option<EffectiveCompressionSettings> {
         let given = self.compression.as_ref().filter(|c| c.enabled)?;
+        let default = EffectiveCompressionSettings::default();
         Some(EffectiveCompressionSettings {
-            server_no_context_takeover: given.server_no_context_takeover.unwrap_or(false),
-            client_no_context_takeover: given.client_no_context_takeover.unwrap_or(false),
-            server_max_window_bits: given.server_max_window_bits.unwrap_or(15),
-            client_max_window_bits: given.client_max_window_bits.unwrap_or(15),
-            threshold: given.threshold.unwrap_or(DEFAULT_COMPRESSION_THRESHOLD),
+            server_no_context_takeover: given
+                .server_no_context_takeover
+                .unwrap_or(default.server_no_context_takeover),
+            client_no_context_takeover: given
+                .client_no_context_takeover
+                .unwrap_or(default.client_no_context_takeover),
+            server_max_window_bits: given
+                .server_max_window_bits
+                .unwrap_or(default.server_max_window_bits),
+            client_max_window_bits: given
+                .client_max_window_bits
+                .unwrap_or(default.client_max_window_bits),
+            threshold: given.threshold.unwrap_or(default.threshold),
         })
     }
 }

@@ -143,12 +143,11 @@ impl AckTracker {
 
     /// An answer for `id`; returns the frames to send now.
     pub fn answer(&mut self, id: MessageId, result: AckResult, received: Instant) -> Vec<String> {
-        let mut frames = Vec::new();
-        self.record(id, result, received, &mut frames);
-        if !self.held.is_empty() {
-            frames.extend(self.release_in_order());
-        }
-        frames
+        self.answer_all([AckOutcome {
+            message_id: id,
+            result,
+            received,
+        }])
     }
 
     /// Every answer that is ready at once (a committed batch answers many messages of one
@@ -305,7 +304,7 @@ pub async fn drain_step(
     tokio::select! {
         _ = tokio::time::sleep_until(deadline) => Some(tracker.refuse_all_waiting()),
         outcome = next_outcome(late_answers) => Some(match outcome {
-            Some(outcome) => tracker.answer(outcome.message_id, outcome.result, outcome.received),
+            Some(outcome) => answer_ready(Some(tracker), late_answers, outcome),
             // Every sender is gone: no answer can come any more.
             None => tracker.refuse_all_waiting(),
         }),
@@ -316,13 +315,18 @@ pub async fn drain_step(
 /// connection from reading its socket or its downlinks for long.
 const MAX_ANSWERS_AT_ONCE: usize = 256;
 
-/// `first` and the answers already waiting behind it (up to [`MAX_ANSWERS_AT_ONCE`]).
-pub fn ready_answers(
+/// The frames answering `first` and the answers already waiting behind it (up to
+/// [`MAX_ANSWERS_AT_ONCE`]); nothing when the connection does not acknowledge.
+pub fn answer_ready(
+    tracker: Option<&mut AckTracker>,
+    late_answers: &mut Option<mpsc::UnboundedReceiver<AckOutcome>>,
     first: AckOutcome,
-    answers: &mut mpsc::UnboundedReceiver<AckOutcome>,
-) -> impl Iterator<Item = AckOutcome> + '_ {
-    std::iter::once(first)
-        .chain(std::iter::from_fn(move || answers.try_recv().ok()).take(MAX_ANSWERS_AT_ONCE - 1))
+) -> Vec<String> {
+    let (Some(tracker), Some(answers)) = (tracker, late_answers.as_mut()) else {
+        return Vec::new();
+    };
+    let waiting = std::iter::from_fn(|| answers.try_recv().ok()).take(MAX_ANSWERS_AT_ONCE - 1);
+    tracker.answer_all(std::iter::once(first).chain(waiting))
 }
 
 /// Waits for the next late answer; never resolves when the listener does not acknowledge.

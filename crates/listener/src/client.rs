@@ -30,7 +30,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::acks::{drain_step, next_outcome, ready_answers, AckTracker, DRAIN_LIMIT};
+use crate::acks::{answer_ready, drain_step, next_outcome, AckTracker, DRAIN_LIMIT};
 use crate::connection::{handle_frame, Connection};
 use crate::deflate::client_stream::{CompressingStream, InflateFailure};
 use crate::frame_guard::Violation;
@@ -200,41 +200,30 @@ impl ClientListener {
         let open_timeout = websocket
             .open_handshake_timeout
             .unwrap_or(iotgate_core::websocket_settings::DEFAULT_CLIENT_OPEN_HANDSHAKE_TIMEOUT);
-        let timed_out = || {
-            SessionEnd::Dropped(format!(
-                "connect and upgrade timed out after {} ms (openHandshakeTimeoutMs)",
-                open_timeout.as_millis()
-            ))
-        };
         match &self.compression {
             None => {
                 let connector = tokio_tungstenite::Connector::Rustls(self.tls.clone());
-                let connected = tokio::time::timeout(
-                    open_timeout,
+                let connecting = async {
                     tokio_tungstenite::connect_async_tls_with_config(
                         request,
                         Some(config),
                         true,
                         Some(connector),
-                    ),
-                )
-                .await;
-                match connected {
-                    Err(_) => timed_out(),
-                    Ok(Err(error)) => SessionEnd::Dropped(format!("connect failed: {error}")),
-                    Ok(Ok((socket, _response))) => self.serve_connected(socket, url, attempt).await,
+                    )
+                    .await
+                    .map(|(socket, _response)| socket)
+                    .map_err(|error| format!("connect failed: {error}"))
+                };
+                match within_open_timeout(open_timeout, connecting).await {
+                    Ok(socket) => self.serve_connected(socket, url, attempt).await,
+                    Err(end) => end,
                 }
             }
             Some(settings) => {
-                let connected = tokio::time::timeout(
-                    open_timeout,
-                    self.connect_compressing(request, config, settings),
-                )
-                .await;
-                match connected {
-                    Err(_) => timed_out(),
-                    Ok(Err(error)) => SessionEnd::Dropped(error),
-                    Ok(Ok(socket)) => self.serve_connected(socket, url, attempt).await,
+                let connecting = self.connect_compressing(request, config, settings);
+                match within_open_timeout(open_timeout, connecting).await {
+                    Ok(socket) => self.serve_connected(socket, url, attempt).await,
+                    Err(end) => end,
                 }
             }
         }
@@ -444,10 +433,7 @@ impl ClientListener {
                     return SessionEnd::Dropped(format!("closed by iotgate: {}", cause.as_str()));
                 }
                 Some(outcome) = next_outcome(&mut late_answers), if awaiting => {
-                    let frames = match (acks.as_mut(), late_answers.as_mut()) {
-                        (Some(tracker), Some(answers)) => tracker.answer_all(ready_answers(outcome, answers)),
-                        _ => Vec::new(),
-                    };
+                    let frames = answer_ready(acks.as_mut(), &mut late_answers, outcome);
                     if let Err(error) = send_frames(&mut sink, frames).await {
                         return SessionEnd::Dropped(format!("send failed: {error}"));
                     }
@@ -550,6 +536,21 @@ impl ClientListener {
                 }
             }
         }
+    }
+}
+
+/// Bounds a way of connecting by the open handshake timeout; its error, or the timeout, ends the
+/// session.
+async fn within_open_timeout<T>(
+    open_timeout: Duration,
+    connecting: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, SessionEnd> {
+    match tokio::time::timeout(open_timeout, connecting).await {
+        Ok(connected) => connected.map_err(SessionEnd::Dropped),
+        Err(_) => Err(SessionEnd::Dropped(format!(
+            "connect and upgrade timed out after {} ms (openHandshakeTimeoutMs)",
+            open_timeout.as_millis()
+        ))),
     }
 }
 

@@ -19,7 +19,7 @@ use iotgate_pipeline::{
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::acks::{drain_step, next_outcome, ready_answers, AckTracker, DRAIN_LIMIT};
+use crate::acks::{answer_ready, drain_step, next_outcome, AckTracker, DRAIN_LIMIT};
 use crate::basic_auth::{BasicCredentialVerifier, BasicOutcome};
 use crate::connection::{handle_frame, Connection};
 use crate::limits::{ConnectionLimits, ConnectionPermit, Refusal};
@@ -503,10 +503,7 @@ impl ServerListener {
                     break Some(CloseReason { code: CloseCode::Policy, description: Some(cause.as_str().into()) });
                 }
                 Some(outcome) = next_outcome(&mut late_answers), if awaiting => {
-                    let frames = match (acks.as_mut(), late_answers.as_mut()) {
-                        (Some(tracker), Some(answers)) => tracker.answer_all(ready_answers(outcome, answers)),
-                        _ => Vec::new(),
-                    };
+                    let frames = answer_ready(acks.as_mut(), &mut late_answers, outcome);
                     if send_frames(&mut session, frames).await.is_err() {
                         break None;
                     }

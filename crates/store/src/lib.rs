@@ -94,8 +94,9 @@ impl StoreError {
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: Pool,
-    /// SQLite: the one connection telemetry batches are written on (see `connect_sqlite`).
-    sqlite_telemetry_writer: Option<sqlx::SqlitePool>,
+    /// Where telemetry batches are written: on SQLite a pool of one connection of its own (see
+    /// `connect_sqlite`), on PostgreSQL the store's pool.
+    telemetry_pool: Pool,
     health: Arc<DatabaseHealth>,
     /// This process among the nodes sharing the database.
     node_id: Arc<str>,
@@ -162,7 +163,7 @@ impl Store {
             .await?;
         Ok(Self {
             pool: Pool::Sqlite(pool),
-            sqlite_telemetry_writer: Some(telemetry_writer),
+            telemetry_pool: Pool::Sqlite(telemetry_writer),
             health: Arc::new(DatabaseHealth::new()),
             node_id: Arc::from(uuid::Uuid::now_v7().to_string()),
         })
@@ -193,8 +194,8 @@ impl Store {
             .run(&pool)
             .await?;
         Ok(Self {
+            telemetry_pool: Pool::Postgres(pool.clone()),
             pool: Pool::Postgres(pool),
-            sqlite_telemetry_writer: None,
             health: Arc::new(DatabaseHealth::new()),
             node_id: Arc::from(uuid::Uuid::now_v7().to_string()),
         })
@@ -214,9 +215,7 @@ impl Store {
     }
 
     pub async fn close(&self) {
-        if let Some(writer) = &self.sqlite_telemetry_writer {
-            writer.close().await;
-        }
+        on_pool!(pool &self.telemetry_pool, pool => pool.close().await);
         on_pool!(self, pool => pool.close().await)
     }
 

@@ -15,7 +15,7 @@ use sqlx::postgres::Postgres;
 use sqlx::sqlite::Sqlite;
 use sqlx::{QueryBuilder, Transaction};
 
-use crate::engine::{on_pool, Columns, Pool};
+use crate::engine::{on_pool, Columns};
 use crate::{Store, StoreError, TelemetryRow};
 
 const TELEMETRY_COLUMNS: &str = "id, listener_key, device_id, device_type, connection_id, source_address, received_at, content_type, payload, metadata, downstream_key, message_id, authenticated, claimed_device_id, message_type";
@@ -72,13 +72,7 @@ impl Store {
     /// cost a look-up afterwards.
     pub async fn insert_telemetry(&self, rows: &[TelemetryRow]) -> Result<Vec<bool>, StoreError> {
         let mut duplicates = vec![false; rows.len()];
-        // SQLite batches go through the store's own writer connection (its page cache stays
-        // warm); PostgreSQL batches through the pool.
-        let sqlite_writer = match (&self.pool, &self.sqlite_telemetry_writer) {
-            (Pool::Sqlite(_), Some(writer)) => Some(Pool::Sqlite(writer.clone())),
-            _ => None,
-        };
-        on_pool!(pool sqlite_writer.as_ref().unwrap_or(&self.pool), pool => {
+        on_pool!(pool &self.telemetry_pool, pool => {
             let mut tx = pool.begin().await?;
             let mut offset = 0;
             while offset < rows.len() {

@@ -132,13 +132,7 @@ mod tests {
     use super::*;
 
     fn settings() -> EffectiveCompressionSettings {
-        EffectiveCompressionSettings {
-            server_no_context_takeover: false,
-            client_no_context_takeover: false,
-            server_max_window_bits: 15,
-            client_max_window_bits: 15,
-            threshold: 64,
-        }
+        EffectiveCompressionSettings::default()
     }
 
     #[test]

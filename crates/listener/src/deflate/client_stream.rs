@@ -53,9 +53,9 @@ impl std::error::Error for InflateFailure {}
 enum Phase {
     /// The opening handshake: bytes pass up to the end of the HTTP response.
     Handshake { head_matched: usize },
-    /// The response head was read; [`CompressingStream::start`] has not been called yet.
-    HeadRead,
-    /// The server declined compression: bytes pass unchanged.
+    /// Bytes pass unchanged: from the end of the response head until
+    /// [`CompressingStream::start`] (nothing reads then), and for good when the server declined
+    /// compression.
     Plain,
     /// Compressed messages are inflated and iotgate's are compressed.
     Compressed {
@@ -138,7 +138,7 @@ impl<S> CompressingStream<S> {
                         _ => 0,
                     };
                     if *head_matched == HEAD_END.len() {
-                        self.phase = Phase::HeadRead;
+                        self.phase = Phase::Plain;
                         break;
                     }
                 }
@@ -146,9 +146,7 @@ impl<S> CompressingStream<S> {
                 self.at += take;
                 Some(Ok(()))
             }
-            // Nothing reads between the handshake and `start`; should something, it gets the
-            // bytes as they came, as a connection without compression would.
-            Phase::HeadRead | Phase::Plain => {
+            Phase::Plain => {
                 let take = available.len().min(buf.remaining());
                 buf.put_slice(&available[..take]);
                 self.at += take;
@@ -172,18 +170,20 @@ fn failure(violation: Violation) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, InflateFailure(violation))
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> CompressingStream<S> {
-    /// Writes the compressed frames held back until none is left.
-    fn poll_write_unwritten(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.unwritten.is_empty() {
-            let written = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.unwritten))?;
-            if written == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.unwritten.advance(written);
+/// Writes `unwritten` to `inner` until none is left.
+fn poll_write_all<S: AsyncWrite + Unpin>(
+    inner: &mut S,
+    unwritten: &mut Bytes,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    while !unwritten.is_empty() {
+        let written = ready!(Pin::new(&mut *inner).poll_write(cx, unwritten))?;
+        if written == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
         }
-        Poll::Ready(Ok(()))
+        unwritten.advance(written);
     }
+    Poll::Ready(Ok(()))
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for CompressingStream<S> {
@@ -226,15 +226,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for CompressingStream<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if !matches!(this.phase, Phase::Compressed { .. }) {
+        let Phase::Compressed { deflater, .. } = &mut this.phase else {
             return Pin::new(&mut this.inner).poll_write(cx, buf);
-        }
+        };
         // One chunk in hand at a time: the next is taken once this one is written, so
         // tungstenite's own buffer is what backs up when the connection is slow.
-        ready!(this.poll_write_unwritten(cx))?;
-        this.unwritten = deflater_rewrite(&mut this.phase, buf)?;
+        ready!(poll_write_all(&mut this.inner, &mut this.unwritten, cx))?;
+        this.unwritten = deflater
+            .rewrite(Bytes::copy_from_slice(buf))
+            .map_err(|error| {
+                io::Error::other(format!("permessage-deflate compression failed: {error}"))
+            })?;
         // Start writing now; what is left goes out on the next write or flush.
-        if let Poll::Ready(Err(error)) = this.poll_write_unwritten(cx) {
+        if let Poll::Ready(Err(error)) = poll_write_all(&mut this.inner, &mut this.unwritten, cx) {
             return Poll::Ready(Err(error));
         }
         Poll::Ready(Ok(buf.len()))
@@ -242,27 +246,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for CompressingStream<S> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.poll_write_unwritten(cx))?;
+        ready!(poll_write_all(&mut this.inner, &mut this.unwritten, cx))?;
         Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.poll_write_unwritten(cx))?;
+        ready!(poll_write_all(&mut this.inner, &mut this.unwritten, cx))?;
         Pin::new(&mut this.inner).poll_shutdown(cx)
     }
-}
-
-/// Compresses the frames in `buf` with the phase's deflater.
-fn deflater_rewrite(phase: &mut Phase, buf: &[u8]) -> io::Result<Bytes> {
-    let Phase::Compressed { deflater, .. } = phase else {
-        return Ok(Bytes::copy_from_slice(buf));
-    };
-    deflater
-        .rewrite(Bytes::copy_from_slice(buf))
-        .map_err(|error| {
-            io::Error::other(format!("permessage-deflate compression failed: {error}"))
-        })
 }
 
 #[cfg(test)]

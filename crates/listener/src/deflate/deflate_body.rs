@@ -18,7 +18,7 @@ use bytes::BytesMut;
 use flate2::{Compress, Compression, FlushCompress};
 
 use super::negotiation::SMALLEST_ZLIB_WINDOW_BITS;
-use super::{write_frame_header, Agreement, HeaderReader, Role, DEFLATE_TAIL};
+use super::{apply_mask, write_frame_header, Agreement, HeaderReader, Role, DEFLATE_TAIL};
 
 /// Compresses the data messages of a server frame stream.
 pub struct MessageDeflater {
@@ -140,11 +140,11 @@ impl MessageDeflater {
                         let mut unmasked = std::mem::take(&mut self.unmasked);
                         unmasked.clear();
                         unmasked.extend_from_slice(payload);
-                        apply_mask(&mut unmasked, key);
+                        apply_mask(&mut unmasked, key, 0);
                         let compressed = self.compress_payload(&unmasked, fin);
                         self.unmasked = unmasked;
                         compressed?;
-                        apply_mask(&mut self.compressed, key);
+                        apply_mask(&mut self.compressed, key, 0);
                     }
                 }
                 // RSV1 marks the first frame of a compressed message only (RFC 7692 §6).
@@ -195,13 +195,6 @@ impl MessageDeflater {
                 .truncate(self.compressed.len() - DEFLATE_TAIL.len());
         }
         Ok(())
-    }
-}
-
-/// XORs `bytes` with the mask `key` (RFC 6455 §5.3), from the payload's first byte.
-fn apply_mask(bytes: &mut [u8], key: [u8; 4]) {
-    for (i, byte) in bytes.iter_mut().enumerate() {
-        *byte ^= key[i % 4];
     }
 }
 

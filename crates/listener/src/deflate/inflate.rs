@@ -25,7 +25,9 @@ use bytes::BytesMut;
 use flate2::{Decompress, FlushDecompress, Status};
 use futures_util::Stream;
 
-use super::{write_frame_header, Agreement, FrameHeader, HeaderReader, Role, DEFLATE_TAIL};
+use super::{
+    apply_mask, write_frame_header, Agreement, FrameHeader, HeaderReader, Role, DEFLATE_TAIL,
+};
 use crate::frame_guard::{GuardVerdict, PayloadPoll, StreamState, Violation};
 
 /// Largest frame written for inflated bytes (lower when the frame cap is lower).
@@ -229,13 +231,8 @@ impl MessageInflater {
             return Ok(false);
         };
         let take = left.min((input.len() - *at) as u64).min(UNMASK_STEP as u64) as usize;
-        for (i, (plain, byte)) in self.unmasked[..take]
-            .iter_mut()
-            .zip(&input[*at..*at + take])
-            .enumerate()
-        {
-            *plain = byte ^ mask[(offset + i) % 4];
-        }
+        self.unmasked[..take].copy_from_slice(&input[*at..*at + take]);
+        apply_mask(&mut self.unmasked[..take], mask, offset);
         let consumed = if self.stream_ended {
             // Bytes after the peer's final deflate block carry nothing.
             take

@@ -26,6 +26,14 @@ pub use negotiation::{negotiate, Agreement, Direction, Role};
 /// each message on the wire and §7.2.2 appends them again before inflating.
 pub(crate) const DEFLATE_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
+/// XORs `bytes` with the mask `key` (RFC 6455 §5.3); `offset` is the position of `bytes[0]` in
+/// the frame's payload. Masking and unmasking are the same operation.
+pub(crate) fn apply_mask(bytes: &mut [u8], key: [u8; 4], offset: usize) {
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        *byte ^= key[(offset + i) % 4];
+    }
+}
+
 /// Writes an RFC 6455 frame header into `out`: `first_byte` (FIN, RSV, opcode), the payload
 /// length in its shortest encoding, and the mask key when given.
 pub(crate) fn write_frame_header(
