@@ -463,6 +463,18 @@ impl Drop for TlsRemote {
 /// messages from it; a remote presenting another self-signed certificate is still refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secure_client_mode_trusts_the_configured_ca_file() {
+    trusts_only_the_configured_ca_file(json!({"enabled": false})).await;
+}
+
+/// The same with compression offered: those listeners make the TCP and TLS connection
+/// themselves (to put the permessage-deflate stream under tungstenite), so certificate checks
+/// by name and by IP address must hold there too. The remote declines the extension.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_client_mode_with_compression_trusts_only_the_configured_ca_file() {
+    trusts_only_the_configured_ca_file(json!({"enabled": true})).await;
+}
+
+async fn trusts_only_the_configured_ca_file(compression: Value) {
     install_crypto();
     let trusted =
         rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
@@ -499,7 +511,7 @@ async fn secure_client_mode_trusts_the_configured_ca_file() {
         json!({
             "key": key, "name": key, "listenerType": "websocket", "mode": "client",
             "contentType": "json", "hostName": host, "port": port, "path": "/feed",
-            "secure": true, "anonymous": true, "sentinel": "sen"
+            "secure": true, "anonymous": true, "sentinel": "sen", "compression": compression
         })
     };
     server
