@@ -11,13 +11,12 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use crate::api::{metric_sum, Api, DeviceKey};
 use crate::load::{
-    connect, connect_many, query_encode, request, sender_config, subscriber_config, DeviceLoad,
-    SendPlan, Subscriber, Timeline,
+    connect_many, query_encode, sender_config, ConnectedSubscriber, DeviceLoad, SendPlan, Timeline,
 };
 use crate::relay::RelayProcess;
 use crate::scenarios::{summary, Options, Summary};
@@ -177,24 +176,9 @@ pub async fn step(
     opts: &Options,
     rate: u64,
 ) -> Result<Step> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let subscriber_ws = loop {
-        match connect(
-            request(&target.subscriber_url(), None)?,
-            subscriber_config(),
-        )
+    let subscriber = ConnectedSubscriber::connect(&target.subscriber_url())
         .await
-        {
-            Ok(ws) => break ws,
-            Err(e) if Instant::now() >= deadline => {
-                return Err(e.context(format!(
-                    "the {} subscriber could not connect",
-                    target.name()
-                )))
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    };
+        .with_context(|| format!("the {} subscriber", target.name()))?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (conns, failures, sample) = connect_many(
         &target.device_url(),
@@ -213,7 +197,7 @@ pub async fn step(
         Duration::from_secs(opts.warmup),
         Duration::from_secs(opts.seconds.max(1)),
     );
-    let subscriber = Subscriber::spawn(subscriber_ws, timeline);
+    let subscriber = subscriber.start(timeline);
     let load = DeviceLoad::spawn(
         conns,
         keys,

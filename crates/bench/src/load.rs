@@ -392,74 +392,152 @@ pub struct SubscriberStats {
     pub unparsed: AtomicU64,
 }
 
+/// A subscriber connected on a thread of its own, not reading yet: [`ConnectedSubscriber::start`]
+/// hands it the timeline.
+///
+/// The viewer of a real deployment is another process, scheduled by the OS apart from the
+/// devices. Here the load generator's tasks would otherwise share one runtime with the
+/// subscriber: offered more than the server can deliver, 100 writers that never sleep starve the
+/// one reader, the socket backs up, and the figure shows the bench's reader instead of the
+/// server. On its own thread (with its own runtime and I/O driver) the reader gets the OS's fair
+/// share of the CPU, as a separate process would.
+pub struct ConnectedSubscriber {
+    stats: Arc<SubscriberStats>,
+    shutdown: watch::Sender<bool>,
+    start: tokio::sync::oneshot::Sender<Timeline>,
+    done: tokio::sync::oneshot::Receiver<Histogram<u64>>,
+}
+
 /// The running subscriber; [`Subscriber::finish`] returns the latency histogram.
 pub struct Subscriber {
     pub stats: Arc<SubscriberStats>,
     shutdown: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Histogram<u64>>,
+    done: tokio::sync::oneshot::Receiver<Histogram<u64>>,
+}
+
+impl ConnectedSubscriber {
+    /// Connects to `url` on a new thread, retrying for up to 10 s (a downstream may start a
+    /// moment after the API answered).
+    pub async fn connect(url: &str) -> Result<ConnectedSubscriber> {
+        let req = request(url, None)?;
+        let stats = Arc::new(SubscriberStats::default());
+        let (shutdown, stop) = watch::channel(false);
+        let (start, start_rx) = tokio::sync::oneshot::channel::<Timeline>();
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        let (connected_tx, connected) = tokio::sync::oneshot::channel::<Result<()>>();
+        let thread_stats = stats.clone();
+        std::thread::Builder::new()
+            .name("bench-subscriber".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = connected_tx.send(Err(e.into()));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    let ws = loop {
+                        match connect(req.clone(), subscriber_config()).await {
+                            Ok(ws) => break ws,
+                            Err(e) if Instant::now() >= deadline => {
+                                let _ = connected_tx.send(Err(e));
+                                return;
+                            }
+                            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                        }
+                    };
+                    let _ = connected_tx.send(Ok(()));
+                    let Ok(timeline) = start_rx.await else {
+                        return;
+                    };
+                    let _ = done_tx.send(read_frames(ws, timeline, thread_stats, stop).await);
+                });
+            })
+            .context("the subscriber thread could not start")?;
+        connected
+            .await
+            .context("the subscriber thread ended")?
+            .with_context(|| format!("the subscriber could not connect to {url}"))?;
+        Ok(ConnectedSubscriber {
+            stats,
+            shutdown,
+            start,
+            done,
+        })
+    }
+
+    /// Starts reading: for each envelope received in the measured window, records
+    /// now − payload.sentAtNs in microseconds.
+    pub fn start(self, timeline: Timeline) -> Subscriber {
+        let _ = self.start.send(timeline);
+        Subscriber {
+            stats: self.stats,
+            shutdown: self.shutdown,
+            done: self.done,
+        }
+    }
 }
 
 impl Subscriber {
-    /// Reads envelopes from `ws`; for each one received in the measured window, records
-    /// now − payload.sentAtNs in microseconds.
-    pub fn spawn(ws: Ws, timeline: Timeline) -> Subscriber {
-        let stats = Arc::new(SubscriberStats::default());
-        let (shutdown, mut stop) = watch::channel(false);
-        let task_stats = stats.clone();
-        let task = tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-                .expect("valid histogram bounds");
-            let (_sink, mut stream) = ws.split();
-            loop {
-                let next = tokio::select! {
-                    biased;
-                    _ = stop.wait_for(|s| *s) => break,
-                    next = stream.next() => next,
-                };
-                let sent_at = match next {
-                    Some(Ok(Message::Text(text))) => sent_at_ns(text.as_bytes()),
-                    Some(Ok(Message::Binary(bytes))) => sent_at_ns(&bytes),
-                    Some(Ok(Message::Close(frame))) => {
-                        eprintln!("warning: the server closed the subscriber: {frame:?}");
-                        break;
-                    }
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => {
-                        eprintln!("warning: the subscriber connection failed: {e}");
-                        break;
-                    }
-                    None => break,
-                };
-                let now_ns = unix_nanos();
-                task_stats.received_total.fetch_add(1, Ordering::Relaxed);
-                if !timeline.in_window(Instant::now()) {
-                    continue;
-                }
-                task_stats.received_window.fetch_add(1, Ordering::Relaxed);
-                match sent_at {
-                    Some(sent) => hist.saturating_record(now_ns.saturating_sub(sent) / 1_000),
-                    None => {
-                        task_stats.unparsed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-            hist
-        });
-        Subscriber {
-            stats,
-            shutdown,
-            task,
-        }
-    }
-
     /// Stops reading and returns the latency histogram (µs).
     pub async fn finish(self) -> Result<Histogram<u64>> {
         let _ = self.shutdown.send(true);
-        tokio::time::timeout(Duration::from_secs(10), self.task)
+        tokio::time::timeout(Duration::from_secs(10), self.done)
             .await
             .context("the subscriber did not stop")?
-            .context("the subscriber task failed")
+            .context("the subscriber thread failed")
     }
+}
+
+/// The subscriber's read loop, until `stop` turns true or the connection ends.
+async fn read_frames(
+    ws: Ws,
+    timeline: Timeline,
+    stats: Arc<SubscriberStats>,
+    mut stop: watch::Receiver<bool>,
+) -> Histogram<u64> {
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
+    let (_sink, mut stream) = ws.split();
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            next = stream.next() => next,
+        };
+        let sent_at = match next {
+            Some(Ok(Message::Text(text))) => sent_at_ns(text.as_bytes()),
+            Some(Ok(Message::Binary(bytes))) => sent_at_ns(&bytes),
+            Some(Ok(Message::Close(frame))) => {
+                eprintln!("warning: the server closed the subscriber: {frame:?}");
+                break;
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => {
+                eprintln!("warning: the subscriber connection failed: {e}");
+                break;
+            }
+            None => break,
+        };
+        let now_ns = unix_nanos();
+        stats.received_total.fetch_add(1, Ordering::Relaxed);
+        if !timeline.in_window(Instant::now()) {
+            continue;
+        }
+        stats.received_window.fetch_add(1, Ordering::Relaxed);
+        match sent_at {
+            Some(sent) => hist.saturating_record(now_ns.saturating_sub(sent) / 1_000),
+            None => {
+                stats.unparsed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    hist
 }
 
 /// Finds `"sentAtNs"` in an envelope or payload and parses the number after it, without

@@ -16,8 +16,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::api::{metric_sum, Api};
 use crate::load::{
-    connect, connect_many, query_encode, request, sender_config, small_config, subscriber_config,
-    DeviceLoad, SendPlan, Subscriber, Timeline,
+    connect, connect_many, query_encode, request, sender_config, small_config, ConnectedSubscriber,
+    DeviceLoad, SendPlan, Timeline,
 };
 use crate::server::{own_rss_bytes, Server};
 
@@ -186,29 +186,19 @@ pub async fn websocket(server: &Server, api: &Api, opts: &Options) -> Result<Sum
     .await?;
     create_route(api, &[LIVE_DOWNSTREAM]).await?;
 
-    // The downstream may start a moment after the API answered: retry the subscriber for 10 s.
     let sub_url = format!(
         "{}/bench-live?token={}",
         server.ws_base(),
         query_encode(&api.token)
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let sub_ws = loop {
-        match connect(request(&sub_url, None)?, subscriber_config()).await {
-            Ok(ws) => break ws,
-            Err(e) if Instant::now() >= deadline => {
-                return Err(e.context("the subscriber could not connect to /bench-live"))
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    };
+    let subscriber = ConnectedSubscriber::connect(&sub_url).await?;
     // Let the server register the subscription before the first envelope.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let (keys, conns, connect_failures) = open_device_connections(server, api, opts).await?;
     let plan = plan(opts);
     let timeline = plan.timeline;
-    let subscriber = Subscriber::spawn(sub_ws, timeline);
+    let subscriber = subscriber.start(timeline);
     let load = DeviceLoad::spawn(conns, &keys, plan);
     println!(
         "sending: {} connections, {} devices, rate {}, {} in flight, {} s warm-up + {} s measured",

@@ -76,8 +76,11 @@ pub fn encode(envelope: &Envelope, format: SubscriberFormat) -> FrameBody {
     }
 }
 
-/// Frames one subscriber may have queued; beyond it the oldest half is dropped at once.
-pub const SUBSCRIBER_QUEUE: usize = 8_192;
+/// Frames one subscriber may have queued; beyond it the oldest half is dropped at once. Sized to
+/// hold what the workers publish between two turns of the subscriber's writer when devices keep
+/// them saturated (8,192 overflowed there and dropped most of the feed); the frames themselves are
+/// shared by every subscriber's queue, so this bounds memory at about 15 MB of envelopes in all.
+pub const SUBSCRIBER_QUEUE: usize = 32_768;
 
 /// How a subscriber wants frames when it falls behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
