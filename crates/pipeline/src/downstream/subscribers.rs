@@ -82,6 +82,11 @@ pub fn encode(envelope: &Envelope, format: SubscriberFormat) -> FrameBody {
 /// shared by every subscriber's queue, so this bounds memory at about 15 MB of envelopes in all.
 pub const SUBSCRIBER_QUEUE: usize = 32_768;
 
+/// Frames a subscriber's writer takes (and encodes into one write) at a time. A backlog is then
+/// written as a series of buffers of a few hundred KiB that the allocator reuses, instead of one
+/// buffer as large as the whole queue (tens of MB, fresh pages and copies) under overload.
+pub const FRAMES_PER_BATCH: usize = 1_024;
+
 /// How a subscriber wants frames when it falls behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeliveryMode {
@@ -166,13 +171,15 @@ impl Subscription {
         self.ready.notify_one();
     }
 
-    /// Waits until frames are queued and takes them all, oldest first.
+    /// Waits until frames are queued and takes them, oldest first: at most
+    /// [`FRAMES_PER_BATCH`] in `All` mode, the newest of every device in `Latest` mode.
     pub async fn next_batch(&self) -> Vec<Arc<SubscriberFrame>> {
         loop {
             {
                 let mut pending = self.pending.lock().expect("subscription lock");
                 if !pending.frames.is_empty() {
-                    return std::mem::take(&mut pending.frames).into();
+                    let take = pending.frames.len().min(FRAMES_PER_BATCH);
+                    return pending.frames.drain(..take).collect();
                 }
                 if !pending.order.is_empty() {
                     let order = std::mem::take(&mut pending.order);
@@ -331,13 +338,51 @@ mod tests {
         for n in 0..(SUBSCRIBER_QUEUE as u32 + 10) {
             s.push(&frame("d", n));
         }
-        let batch = s.next_batch().await;
+        let batch = take_queued(&s).await;
         assert_eq!(s.dropped.get(), (SUBSCRIBER_QUEUE / 2) as u64);
         assert_eq!(batch.len(), SUBSCRIBER_QUEUE / 2 + 10);
+        assert_eq!(
+            texts(&batch).first().unwrap(),
+            &(SUBSCRIBER_QUEUE / 2).to_string()
+        );
         assert_eq!(
             texts(&batch).last().unwrap(),
             &(SUBSCRIBER_QUEUE + 9).to_string()
         );
+    }
+
+    /// Every queued frame, batch after batch.
+    async fn take_queued(s: &Subscription) -> Vec<Arc<SubscriberFrame>> {
+        let mut all = Vec::new();
+        while !s.pending.lock().unwrap().frames.is_empty() {
+            all.extend(s.next_batch().await);
+        }
+        all
+    }
+
+    #[tokio::test]
+    async fn a_backlog_is_taken_in_bounded_batches_in_order() {
+        let s = subscription(DeliveryMode::All, SubscriberFilter::default());
+        let queued = FRAMES_PER_BATCH as u32 * 2 + 5;
+        for n in 0..queued {
+            s.push(&frame("d", n));
+        }
+        let batches = [
+            s.next_batch().await,
+            s.next_batch().await,
+            s.next_batch().await,
+        ]
+        .map(|batch| {
+            assert!(batch.len() <= FRAMES_PER_BATCH);
+            texts(&batch)
+        });
+        assert_eq!(
+            batches.iter().map(Vec::len).collect::<Vec<_>>(),
+            [FRAMES_PER_BATCH, FRAMES_PER_BATCH, 5]
+        );
+        let expected: Vec<String> = (0..queued).map(|n| n.to_string()).collect();
+        assert_eq!(batches.concat(), expected);
+        assert_eq!(s.dropped.get(), 0);
     }
 
     #[tokio::test]
