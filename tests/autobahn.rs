@@ -58,19 +58,19 @@ const ACCEPTABLE_BEHAVIOR: [&str; 3] = ["OK", "NON-STRICT", "INFORMATIONAL"];
 const ACCEPTABLE_SERVER_BEHAVIOR: [&str; 2] = ["OK", "INFORMATIONAL"];
 const ACCEPTABLE_CLOSE: [&str; 2] = ["OK", "INFORMATIONAL"];
 
-/// wstest in fuzzingclient mode must finish within this.
-const SERVER_RUN_LIMIT: Duration = Duration::from_secs(2400);
-/// Each run must take less than this. 12.* and 13.* are 216 cases of 1000 compressed messages
-/// each, up to 128 KiB: about 19 minutes on 2 shared cores in server mode; 1–10 alone take about
-/// 20 s (server) and 30 s (client). Most of it is wstest (Python 2) compressing, sending and
-/// checking the messages. A much slower run means something waits out a timeout on every case,
-/// e.g. a side not closing the TCP connection after the closing handshake.
-const SERVER_RUN_BUDGET: Duration = Duration::from_secs(1800);
-const CLIENT_RUN_BUDGET: Duration = Duration::from_secs(1800);
+/// wstest in fuzzingclient mode must finish within this (a hang guard: the run takes 15–35 minutes
+/// on 2 shared cores, nearly all of it wstest compressing and checking 12.* and 13.*).
+const SERVER_RUN_LIMIT: Duration = Duration::from_secs(3000);
+/// The cases without compression (1.* to 10.*, 301 of them) must take less than this in all:
+/// 20–40 s on 2 shared cores. A side that waits out a timeout on every case (e.g. not closing the
+/// TCP connection after the closing handshake) shows here at once, whatever the machine's speed;
+/// 12.* and 13.* take as long as wstest (Python 2) needs to compress 1000 messages per case, which
+/// varied from 15 to 34 minutes between sessions on this machine, so their time proves nothing.
+const UNCOMPRESSED_CASES_BUDGET: Duration = Duration::from_secs(300);
 /// One client-mode case (connect to the end of the connection).
 const CLIENT_CASE_LIMIT: Duration = Duration::from_secs(60);
 /// All client-mode cases.
-const CLIENT_RUN_LIMIT: Duration = Duration::from_secs(2400);
+const CLIENT_RUN_LIMIT: Duration = Duration::from_secs(3000);
 /// From the listener PUT to the gated connection for the case.
 const CLIENT_CONNECT_LIMIT: Duration = Duration::from_secs(20);
 
@@ -190,7 +190,6 @@ async fn server_mode(wstest: PathBuf) {
         "wstest -m fuzzingclient against a server-mode listener",
         &CASES,
         CASE_COUNT,
-        SERVER_RUN_BUDGET,
         &dir,
         run_time,
         started,
@@ -276,7 +275,6 @@ async fn client_mode(wstest: PathBuf) {
         "wstest -m fuzzingserver driving a client-mode listener",
         &CASES,
         CASE_COUNT,
-        CLIENT_RUN_BUDGET,
         &dir,
         run_time,
         started,
@@ -735,6 +733,11 @@ impl CaseResult {
     }
 }
 
+/// Cases 12.* and 13.*: permessage-deflate.
+fn is_compression_case(id: &str) -> bool {
+    matches!(id.split('.').next(), Some("12" | "13"))
+}
+
 fn case_key(id: &str) -> Vec<u32> {
     id.split('.')
         .map(|p| p.parse().unwrap_or(u32::MAX))
@@ -858,14 +861,13 @@ fn load_allow_list(mode: &str) -> BTreeMap<String, Allowed> {
 }
 
 /// Parses the report, prints and stores the summary, and asserts every case.
-// The mode's case list, count and budget are separate on purpose: both call sites name them.
+// The mode's case list and count are separate on purpose: both call sites name them.
 #[allow(clippy::too_many_arguments)]
 fn finish(
     mode: &str,
     what: &str,
     cases: &[&str],
     case_count: usize,
-    run_budget: Duration,
     dir: &Path,
     run_time: Duration,
     started: Instant,
@@ -954,9 +956,17 @@ fn finish(
             .collect::<Vec<_>>()
             .join(", ")
     };
-    if run_time > run_budget {
+    let uncompressed = Duration::from_millis(
+        results
+            .iter()
+            .filter(|r| !is_compression_case(&r.id))
+            .map(|r| r.duration_ms)
+            .sum(),
+    );
+    if uncompressed > UNCOMPRESSED_CASES_BUDGET {
         problems.push(format!(
-            "the run took {run_time:.1?}, over the budget of {run_budget:?}; slowest cases: {}",
+            "the cases without compression took {uncompressed:.1?} in all, over the budget of \
+             {UNCOMPRESSED_CASES_BUDGET:?} (something waits out a timeout?); slowest cases: {}",
             slowest(10)
         ));
     }
