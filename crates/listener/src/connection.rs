@@ -93,6 +93,13 @@ pub(crate) async fn handle_frame(
     bytes: bytes::Bytes,
     text_frame: bool,
 ) -> Reply {
+    // The actix-ws message stream is not part of tokio's coop budget, so a connection whose
+    // socket always has another message would keep its worker until the buffer is empty. Under
+    // overload each worker's round then grows with the backlog, and the subscribers' writers on
+    // the same worker wait a whole round between two batches (most of the live feed was
+    // dropped). Spending the budget here makes every listener loop (server and client mode)
+    // yield once per budget's worth of messages; otherwise it is a thread-local decrement.
+    tokio::task::consume_budget().await;
     let frame = acks.as_deref_mut().map(AckTracker::frame_received);
     let mut envelope = connection.envelope(context, bytes.len());
     let received = envelope.received_instant;

@@ -604,12 +604,6 @@ impl ServerListener {
                         tracing::info!(code = rejection.code.as_str(), "closing connection after repeated failures");
                         break Some(CloseReason { code: CloseCode::Policy, description: Some(format!("too many rejected messages ({})", rejection.code.as_str())) });
                     }
-                    // A connection whose socket always has another message would otherwise keep
-                    // its worker until the buffer is empty; under overload each worker's round then
-                    // grows with the backlog, and the subscribers' writers (on the same worker) wait
-                    // a whole round between two batches. A yield every coop budget's worth of
-                    // messages keeps rounds short. Cheap: a thread-local count unless it yields.
-                    tokio::task::consume_budget().await;
                 }
             }
         };

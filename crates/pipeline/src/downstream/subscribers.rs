@@ -78,8 +78,8 @@ pub fn encode(envelope: &Envelope, format: SubscriberFormat) -> FrameBody {
 
 /// Frames one subscriber may have queued; beyond it the oldest half is dropped at once. Sized to
 /// hold what the workers publish between two turns of the subscriber's writer when devices keep
-/// them saturated (8,192 overflowed there and dropped most of the feed); the frames themselves are
-/// shared by every subscriber's queue, so this bounds memory at about 15 MB of envelopes in all.
+/// them saturated (8,192 overflowed there and dropped most of the feed). At most about 15 MB of
+/// envelopes per subscriber; subscribers that keep up hold the same frames, shared by reference.
 pub const SUBSCRIBER_QUEUE: usize = 32_768;
 
 /// Frames a subscriber's writer takes (and encodes into one write) at a time. A backlog is then
