@@ -295,8 +295,14 @@ impl TelemetryWriter for Transaction<'_, Sqlite> {
     }
 
     async fn insert_rows(&mut self, rows: &[TelemetryRow]) -> Result<u64, sqlx::Error> {
-        let mut builder =
-            QueryBuilder::new(format!("INSERT INTO telemetry ({TELEMETRY_COLUMNS}) "));
+        // `OR IGNORE` rather than `ON CONFLICT DO NOTHING`: both skip a row that conflicts, but
+        // with `OR IGNORE` no constraint of this statement can abort it half-way (the NOT NULL
+        // columns are never null here: they are Rust `String`s), so SQLite writes no statement
+        // journal. With `DO NOTHING` it copied every page the batch touched into that journal
+        // first, about a fifth of the writer thread's time under acknowledged load.
+        let mut builder = QueryBuilder::new(format!(
+            "INSERT OR IGNORE INTO telemetry ({TELEMETRY_COLUMNS}) "
+        ));
         builder.push_values(rows, |mut b, row| {
             b.push_bind(&row.id)
                 .push_bind(&row.listener_key)
@@ -314,7 +320,6 @@ impl TelemetryWriter for Transaction<'_, Sqlite> {
                 .push_bind(&row.claimed_device_id)
                 .push_bind(&row.message_type);
         });
-        builder.push(" ON CONFLICT DO NOTHING");
         Ok(builder.build().execute(&mut **self).await?.rows_affected())
     }
 
