@@ -411,6 +411,81 @@ mod tests {
         }
     }
 
+    fn row(id: &str, device: &str, message_id: &str, received_at: &str) -> TelemetryRow {
+        TelemetryRow {
+            id: id.into(),
+            listener_key: "field".into(),
+            device_id: Some(device.into()),
+            device_type: None,
+            connection_id: 1,
+            source_address: None,
+            received_at: received_at.into(),
+            content_type: "json".into(),
+            payload: format!("{{\"row\":\"{id}\"}}"),
+            metadata: "{}".into(),
+            downstream_key: "store".into(),
+            message_id: Some(message_id.into()),
+            authenticated: true,
+            claimed_device_id: None,
+            message_type: None,
+            duplicate_if_stored_since: Some("2026-11-30T11:50:00.000000Z".into()),
+        }
+    }
+
+    /// One multi-row statement meets every kind of conflict at once (SQLite skips conflicting
+    /// rows without a statement journal): the rows around them are stored, a retried batch's row
+    /// is not a duplicate, a recent message id is, and an id older than the window is given up
+    /// to the new row.
+    #[tokio::test]
+    async fn one_batch_settles_every_kind_of_conflict_and_stores_the_rest() {
+        let dir = std::env::temp_dir().join(format!("iotgate-telemetry-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::connect(&Store::default_url(&dir)).await.unwrap();
+        let first = [
+            row("a", "d1", "m-1", "2026-11-30T11:55:00.000000Z"),
+            row("b", "d1", "m-2", "2026-11-30T11:40:00.000000Z"),
+        ];
+        assert_eq!(
+            store.insert_telemetry(&first).await.unwrap(),
+            [false, false]
+        );
+
+        let second = [
+            row("c", "d2", "m-1", "2026-11-30T12:00:00.000000Z"),
+            // The first batch's row again (its commit's outcome was unknown): already stored.
+            row("a", "d1", "m-1", "2026-11-30T11:55:00.000000Z"),
+            // A retry of a message stored within the window.
+            row("d", "d1", "m-1", "2026-11-30T12:00:01.000000Z"),
+            // An id last used before the window: stored again.
+            row("e", "d1", "m-2", "2026-11-30T12:00:02.000000Z"),
+            row("f", "d1", "m-3", "2026-11-30T12:00:03.000000Z"),
+        ];
+        assert_eq!(
+            store.insert_telemetry(&second).await.unwrap(),
+            [false, false, true, false, false]
+        );
+
+        let mut stored: Vec<(String, Option<String>)> = store
+            .query_telemetry(None, None, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.id, r.message_id))
+            .collect();
+        stored.sort();
+        let expected = [
+            ("a", Some("m-1")),
+            ("b", None),
+            ("c", Some("m-1")),
+            ("e", Some("m-2")),
+            ("f", Some("m-3")),
+        ]
+        .map(|(id, message_id)| (id.to_owned(), message_id.map(str::to_owned)));
+        assert_eq!(stored, expected);
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn garbage_is_not_a_cursor() {
         for text in ["", "!!", "bm90IGpzb24", "WyJhIl0", "WzEsMl0", "eyJhIjoxfQ"] {
