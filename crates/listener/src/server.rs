@@ -363,261 +363,301 @@ impl ServerListener {
             peer: client,
             metadata: Arc::new(metadata),
         };
-        let stream = self.message_stream(stream);
         let span = connection_span(&self.definition.key, &connection);
-        actix_web::rt::spawn(
-            self.clone()
-                .run_connection(connection, session, stream, auth, permit, verdict)
-                .instrument(span),
-        );
+        match auth {
+            Ok(auth) => {
+                let stream = self.message_stream(stream);
+                actix_web::rt::spawn(
+                    self.clone()
+                        .run_connection(connection, session, stream, auth, permit, verdict)
+                        .instrument(span),
+                );
+            }
+            Err(rejection) => {
+                actix_web::rt::spawn(
+                    self.clone()
+                        .refuse_connection(session, rejection, permit)
+                        .instrument(span),
+                );
+            }
+        }
         response
     }
 
-    async fn run_connection(
+    /// A connection whose credentials were refused at connect: told why, then closed.
+    async fn refuse_connection(
+        self: Arc<Self>,
+        mut session: Session,
+        rejection: Rejection,
+        _permit: ConnectionPermit,
+    ) {
+        let counters = &self.context.counters;
+        counters.connections.inc();
+        tracing::info!(
+            code = rejection.code.as_str(),
+            "device credentials refused at connect"
+        );
+        self.send_error(&mut session, &rejection).await;
+        let _ = session
+            .close(Some(CloseReason {
+                code: CloseCode::Policy,
+                description: Some(rejection.message.clone()),
+            }))
+            .await;
+        counters.connections.dec();
+    }
+
+    /// Serves one connection until it closes.
+    ///
+    /// Its future lives as long as the connection, so its size is memory held by every idle
+    /// connection. Hence a plain fn returning an `async move` block (an `async fn` keeps a second
+    /// copy of every argument), and the awaits that happen once per connection (presence events,
+    /// the close) are boxed: the future is as large as its largest await, and those were the
+    /// largest.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would keep a second copy of every argument in the future"
+    )]
+    fn run_connection(
         self: Arc<Self>,
         connection: Connection,
         mut session: Session,
         mut stream: actix_ws::AggregatedMessageStream,
-        auth: Result<ConnectionAuth, Rejection>,
-        _permit: ConnectionPermit,
+        mut auth: ConnectionAuth,
+        permit: ConnectionPermit,
         verdict: Arc<crate::frame_guard::GuardVerdict>,
-    ) {
-        let counters = &self.context.counters;
-        counters.connections.inc();
-        let mut auth = match auth {
-            Ok(auth) => auth,
-            Err(rejection) => {
-                tracing::info!(
-                    code = rejection.code.as_str(),
-                    "device credentials refused at connect"
-                );
-                self.send_error(&mut session, &rejection).await;
-                let _ = session
-                    .close(Some(CloseReason {
-                        code: CloseCode::Policy,
-                        description: Some(rejection.message.clone()),
-                    }))
-                    .await;
-                counters.connections.dec();
-                return;
+    ) -> impl std::future::Future<Output = ()> {
+        async move {
+            let counters = &self.context.counters;
+            counters.connections.inc();
+            if let Some(binding) = &auth.binding {
+                tracing::Span::current()
+                    .record("device", tracing::field::display(&binding.device_id));
+                tracing::debug!(device = %binding.device_id, "connection bound to device");
             }
-        };
-        if let Some(binding) = &auth.binding {
-            tracing::Span::current().record("device", tracing::field::display(&binding.device_id));
-            tracing::debug!(device = %binding.device_id, "connection bound to device");
-        }
-        // A registry change (device disabled or deleted, its key rotated) or a disabled
-        // sentinel closes this connection at once.
-        let closer = SessionCloser::new();
-        self.context.live.register(&closer);
-        self.pipeline.watch_connection(&mut auth, closer.clone());
-        // Addressable from now on: messages to the device, its groups or the listener arrive
-        // on `downlinks` and are written between reads.
-        let (registration, mut downlinks) = self.pipeline.connections.register(
-            connection.id,
-            self.context.key.clone(),
-            auth.device.clone(),
-            connection.peer,
-        );
-        // Device presence: `$connected` once the connection speaks for a device (now, with
-        // credentials given at connect), `$disconnected` when it ends.
-        let authenticates = self.context.sentinel.is_some();
-        let mut presence = ConnectionPresence::new(self.context.key.clone(), connection.peer);
-        if let Some(device) = &auth.device {
-            presence
-                .bind(&self.pipeline, &registration, device, authenticates)
-                .await;
-        }
-        // The peer's own close frame, for the `$disconnected` event.
-        let mut peer_close: Option<CloseReason> = None;
+            // A registry change (device disabled or deleted, its key rotated) or a disabled
+            // sentinel closes this connection at once.
+            let closer = SessionCloser::new();
+            self.context.live.register(&closer);
+            self.pipeline.watch_connection(&mut auth, closer.clone());
+            // Addressable from now on: messages to the device, its groups or the listener arrive
+            // on `downlinks` and are written between reads.
+            let (registration, mut downlinks) = self.pipeline.connections.register(
+                connection.id,
+                self.context.key.clone(),
+                auth.device.clone(),
+                connection.peer,
+            );
+            // Device presence: `$connected` once the connection speaks for a device (now, with
+            // credentials given at connect), `$disconnected` when it ends.
+            let authenticates = self.context.sentinel.is_some();
+            let mut presence = ConnectionPresence::new(self.context.key.clone(), connection.peer);
+            if let Some(device) = &auth.device {
+                Box::pin(presence.bind(&self.pipeline, &registration, device, authenticates)).await;
+            }
+            // The peer's own close frame, for the `$disconnected` event.
+            let mut peer_close: Option<CloseReason> = None;
 
-        let websocket = &self.websocket;
-        let ping_interval = websocket.auto_ping_interval;
-        let mut ticker = tokio::time::interval(if ping_interval.is_zero() {
-            Duration::from_secs(3600)
-        } else {
-            ping_interval
-        });
-        ticker.tick().await;
-        let ping_payload = websocket.ping_payload();
-        // Armed when a ping goes out with none outstanding; any frame from the peer disarms it,
-        // so a busy connection costs no timer work per message.
-        let mut awaiting_answer = false;
-        let ping_deadline = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(ping_deadline);
-        // Checked lazily: when it fires, the deadline moves to the last data frame plus the
-        // timeout, unless that has passed.
-        let idle_timeout = websocket.idle_timeout;
-        let mut last_data = tokio::time::Instant::now();
-        let idle_check = crate::connection::sleep_unless_zero(idle_timeout);
-        tokio::pin!(idle_check);
-        let mut peer_closed = false;
-        // Behind a sentinel, a connection must authenticate one message within the deadline.
-        let auth_limit = Duration::from_secs(u64::from(self.definition.auth_timeout_seconds));
-        let auth_deadline_applies = self.context.sentinel.is_some() && !auth_limit.is_zero();
-        let auth_deadline = crate::connection::sleep_unless_zero(if auth_deadline_applies {
-            auth_limit
-        } else {
-            Duration::ZERO
-        });
-        tokio::pin!(auth_deadline);
-        // A connection opened with a token ends when the token expires.
-        let token_expiry = token_time_left(&auth);
-        let token_expired =
-            tokio::time::sleep(token_expiry.unwrap_or(Duration::from_secs(86_400 * 366)));
-        tokio::pin!(token_expired);
-        let (mut acks, mut late_answers) = match AckTracker::new(
-            &self.definition,
-            counters.clone(),
-            self.pipeline.metrics.clone(),
-        ) {
-            Some((tracker, receiver)) => (Some(tracker), Some(receiver)),
-            None => (None, None),
-        };
+            let websocket = &self.websocket;
+            let ping_interval = websocket.auto_ping_interval;
+            let mut ticker = tokio::time::interval(if ping_interval.is_zero() {
+                Duration::from_secs(3600)
+            } else {
+                ping_interval
+            });
+            ticker.tick().await;
+            let ping_payload = websocket.ping_payload();
+            // Armed when a ping goes out with none outstanding; any frame from the peer disarms it,
+            // so a busy connection costs no timer work per message.
+            let mut awaiting_answer = false;
+            let ping_deadline = tokio::time::sleep(Duration::ZERO);
+            tokio::pin!(ping_deadline);
+            // Checked lazily: when it fires, the deadline moves to the last data frame plus the
+            // timeout, unless that has passed.
+            let idle_timeout = websocket.idle_timeout;
+            let mut last_data = tokio::time::Instant::now();
+            let idle_check = crate::connection::sleep_unless_zero(idle_timeout);
+            tokio::pin!(idle_check);
+            let mut peer_closed = false;
+            // Behind a sentinel, a connection must authenticate one message within the deadline.
+            let auth_limit = Duration::from_secs(u64::from(self.definition.auth_timeout_seconds));
+            let auth_deadline_applies = self.context.sentinel.is_some() && !auth_limit.is_zero();
+            let auth_deadline = crate::connection::sleep_unless_zero(if auth_deadline_applies {
+                auth_limit
+            } else {
+                Duration::ZERO
+            });
+            tokio::pin!(auth_deadline);
+            // A connection opened with a token ends when the token expires.
+            let token_expiry = token_time_left(&auth);
+            let token_expired =
+                tokio::time::sleep(token_expiry.unwrap_or(Duration::from_secs(86_400 * 366)));
+            tokio::pin!(token_expired);
+            let (mut acks, mut late_answers) = match AckTracker::new(
+                &self.definition,
+                counters.clone(),
+                self.pipeline.metrics.clone(),
+            ) {
+                // Boxed: most listeners do not acknowledge, and their connections then hold 8 bytes.
+                Some((tracker, receiver)) => (Some(Box::new(tracker)), Some(receiver)),
+                None => (None, None),
+            };
 
-        let close: Option<CloseReason> = loop {
-            let awaiting = acks.as_ref().is_some_and(AckTracker::awaits_answers);
-            // With maxInFlight messages unanswered, the socket is not read: TCP pushes back.
-            let may_read = acks.as_ref().is_none_or(AckTracker::can_read);
-            tokio::select! {
-                biased;
-                _ = self.shutdown.cancelled() => {
-                    // Every message in flight is answered before the connection closes.
-                    if let Some(tracker) = acks.as_mut() {
-                        let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
-                        let mut peer_gone = false;
-                        while let Some(frames) = drain_step(tracker, &mut late_answers, deadline).await {
-                            if send_frames(&mut session, frames).await.is_err() {
-                                peer_gone = true;
-                                break;
+            let close: Option<CloseReason> = loop {
+                let awaiting = acks.as_deref().is_some_and(AckTracker::awaits_answers);
+                // With maxInFlight messages unanswered, the socket is not read: TCP pushes back.
+                let may_read = acks.as_deref().is_none_or(AckTracker::can_read);
+                tokio::select! {
+                    biased;
+                    _ = self.shutdown.cancelled() => {
+                        // Every message in flight is answered before the connection closes.
+                        if let Some(tracker) = acks.as_deref_mut() {
+                            let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
+                            let mut peer_gone = false;
+                            while let Some(frames) = drain_step(tracker, &mut late_answers, deadline).await {
+                                if send_frames(&mut session, frames).await.is_err() {
+                                    peer_gone = true;
+                                    break;
+                                }
+                            }
+                            if peer_gone {
+                                break None;
                             }
                         }
-                        if peer_gone {
+                        break Some(CloseReason { code: CloseCode::Away, description: Some("listener stopped or reconfigured".into()) });
+                    }
+                    cause = closer.closed() => {
+                        tracing::info!(reason = cause.as_str(), "closing the connection after a registry change");
+                        break Some(CloseReason { code: CloseCode::Policy, description: Some(cause.as_str().into()) });
+                    }
+                    Some(outcome) = next_outcome(&mut late_answers), if awaiting => {
+                        let frames = answer_ready(acks.as_deref_mut(), &mut late_answers, outcome);
+                        if send_frames(&mut session, frames).await.is_err() {
                             break None;
                         }
                     }
-                    break Some(CloseReason { code: CloseCode::Away, description: Some("listener stopped or reconfigured".into()) });
-                }
-                cause = closer.closed() => {
-                    tracing::info!(reason = cause.as_str(), "closing the connection after a registry change");
-                    break Some(CloseReason { code: CloseCode::Policy, description: Some(cause.as_str().into()) });
-                }
-                Some(outcome) = next_outcome(&mut late_answers), if awaiting => {
-                    let frames = answer_ready(acks.as_mut(), &mut late_answers, outcome);
-                    if send_frames(&mut session, frames).await.is_err() {
-                        break None;
+                    _ = &mut token_expired, if token_expiry.is_some() => {
+                        tracing::info!("the connection token expired");
+                        break Some(CloseReason { code: CloseCode::Policy, description: Some(RejectionCode::TokenExpired.as_str().into()) });
                     }
-                }
-                _ = &mut token_expired, if token_expiry.is_some() => {
-                    tracing::info!("the connection token expired");
-                    break Some(CloseReason { code: CloseCode::Policy, description: Some(RejectionCode::TokenExpired.as_str().into()) });
-                }
-                _ = &mut auth_deadline, if auth_deadline_applies && !auth.authenticated => {
-                    tracing::info!("no authenticated message within the deadline");
-                    break Some(CloseReason { code: CloseCode::Policy, description: Some(format!("no authenticated message within {} s", auth_limit.as_secs())) });
-                }
-                Some(downlink) = downlinks.recv() => {
-                    if send_downlink(&mut session, &downlink, self.context.content_type).await.is_err() {
-                        break None;
+                    _ = &mut auth_deadline, if auth_deadline_applies && !auth.authenticated => {
+                        tracing::info!("no authenticated message within the deadline");
+                        break Some(CloseReason { code: CloseCode::Policy, description: Some(format!("no authenticated message within {} s", auth_limit.as_secs())) });
                     }
-                }
-                _ = &mut ping_deadline, if awaiting_answer => {
-                    tracing::debug!(timeout = ?websocket.auto_ping_timeout, "peer did not answer a ping in time");
-                    break Some(CloseReason { code: CloseCode::Away, description: Some("heartbeat timeout".into()) });
-                }
-                _ = &mut idle_check, if !idle_timeout.is_zero() => {
-                    let deadline = last_data + idle_timeout;
-                    if tokio::time::Instant::now() >= deadline {
-                        tracing::debug!(timeout = ?idle_timeout, "no data frame within the idle timeout");
-                        break Some(CloseReason { code: CloseCode::Normal, description: Some("idle timeout".into()) });
+                    Some(downlink) = downlinks.recv() => {
+                        if send_downlink(&mut session, &downlink, self.context.content_type).await.is_err() {
+                            break None;
+                        }
                     }
-                    idle_check.as_mut().reset(deadline);
-                }
-                _ = ticker.tick(), if !ping_interval.is_zero() => {
-                    if !awaiting_answer {
-                        awaiting_answer = true;
-                        ping_deadline.as_mut().reset(tokio::time::Instant::now() + websocket.auto_ping_timeout);
+                    _ = &mut ping_deadline, if awaiting_answer => {
+                        tracing::debug!(timeout = ?websocket.auto_ping_timeout, "peer did not answer a ping in time");
+                        break Some(CloseReason { code: CloseCode::Away, description: Some("heartbeat timeout".into()) });
                     }
-                    if session.ping(&ping_payload).await.is_err() {
-                        break None;
+                    _ = &mut idle_check, if !idle_timeout.is_zero() => {
+                        let deadline = last_data + idle_timeout;
+                        if tokio::time::Instant::now() >= deadline {
+                            tracing::debug!(timeout = ?idle_timeout, "no data frame within the idle timeout");
+                            break Some(CloseReason { code: CloseCode::Normal, description: Some("idle timeout".into()) });
+                        }
+                        idle_check.as_mut().reset(deadline);
                     }
-                }
-                message = stream.recv(), if may_read => {
-                    awaiting_answer = false;
-                    if matches!(message, Some(Ok(AggregatedMessage::Text(_) | AggregatedMessage::Binary(_)))) && !idle_timeout.is_zero() {
-                        last_data = tokio::time::Instant::now();
+                    _ = ticker.tick(), if !ping_interval.is_zero() => {
+                        if !awaiting_answer {
+                            awaiting_answer = true;
+                            ping_deadline.as_mut().reset(tokio::time::Instant::now() + websocket.auto_ping_timeout);
+                        }
+                        if session.ping(&ping_payload).await.is_err() {
+                            break None;
+                        }
                     }
-                    let (bytes, text_frame) = match message {
-                        Some(Ok(AggregatedMessage::Text(text))) => {
-                            if self.definition.echo && session.text(text.clone()).await.is_err() {
-                                break None;
+                    message = stream.recv(), if may_read => {
+                        awaiting_answer = false;
+                        if matches!(message, Some(Ok(AggregatedMessage::Text(_) | AggregatedMessage::Binary(_)))) && !idle_timeout.is_zero() {
+                            last_data = tokio::time::Instant::now();
+                        }
+                        let (bytes, text_frame) = match message {
+                            Some(Ok(AggregatedMessage::Text(text))) => {
+                                if self.definition.echo && session.text(text.clone()).await.is_err() {
+                                    break None;
+                                }
+                                (text.into_bytes(), true)
                             }
-                            (text.into_bytes(), true)
-                        }
-                        Some(Ok(AggregatedMessage::Binary(bytes))) => {
-                            if self.definition.echo && session.binary(bytes.clone()).await.is_err() {
-                                break None;
+                            Some(Ok(AggregatedMessage::Binary(bytes))) => {
+                                if self.definition.echo && session.binary(bytes.clone()).await.is_err() {
+                                    break None;
+                                }
+                                (bytes, false)
                             }
-                            (bytes, false)
+                            Some(Ok(AggregatedMessage::Ping(payload))) => {
+                                self.note_activity(&auth);
+                                if session.pong(&payload).await.is_err() { break None; }
+                                continue;
+                            }
+                            Some(Ok(AggregatedMessage::Pong(_))) => {
+                                self.note_activity(&auth);
+                                continue;
+                            }
+                            Some(Ok(AggregatedMessage::Close(reason))) => {
+                                tracing::debug!(?reason, "peer closed");
+                                peer_close = reason;
+                                peer_closed = true;
+                                break Some(CloseReason { code: CloseCode::Normal, description: None });
+                            }
+                            Some(Err(ProtocolError::Overflow)) => {
+                                break Some(CloseReason { code: CloseCode::Size, description: Some(websocket.oversize_reason()) });
+                            }
+                            Some(Err(_)) if verdict.get().is_some() => {
+                                let violation = verdict.get().expect("checked in the guard");
+                                break Some(violation.close_reason(|| websocket.oversize_reason()));
+                            }
+                            Some(Err(error)) if is_invalid_utf8(&error) => {
+                                break Some(CloseReason { code: CloseCode::Invalid, description: Some("text message is not valid UTF-8".into()) });
+                            }
+                            Some(Err(error)) => {
+                                tracing::debug!(error = %error, "protocol error");
+                                break Some(CloseReason { code: CloseCode::Protocol, description: Some(crate::connection::close_reason_text(&error.to_string())) });
+                            }
+                            None => break None,
+                        };
+                        // Boxed: the per-message state machine (envelope, routing) then lives on the
+                        // heap only while a message is in flight, which keeps idle connections small.
+                        let reply = Box::pin(handle_frame(&self.pipeline, &self.context, &connection, &mut auth, acks.as_deref_mut(), bytes, text_frame)).await;
+                        if let Some(device) = &auth.device {
+                            // Only when the device changes (its first message): boxed, see above.
+                            if presence.needs_binding(device) {
+                                Box::pin(presence.bind(&self.pipeline, &registration, device, authenticates)).await;
+                            }
                         }
-                        Some(Ok(AggregatedMessage::Ping(payload))) => {
-                            self.note_activity(&auth);
-                            if session.pong(&payload).await.is_err() { break None; }
-                            continue;
+                        if send_frames(&mut session, reply.frames).await.is_err() {
+                            break None;
                         }
-                        Some(Ok(AggregatedMessage::Pong(_))) => {
-                            self.note_activity(&auth);
-                            continue;
+                        if let Some(rejection) = reply.close {
+                            tracing::info!(code = rejection.code.as_str(), "closing connection after repeated failures");
+                            break Some(CloseReason { code: CloseCode::Policy, description: Some(format!("too many rejected messages ({})", rejection.code.as_str())) });
                         }
-                        Some(Ok(AggregatedMessage::Close(reason))) => {
-                            tracing::debug!(?reason, "peer closed");
-                            peer_close = reason;
-                            peer_closed = true;
-                            break Some(CloseReason { code: CloseCode::Normal, description: None });
-                        }
-                        Some(Err(ProtocolError::Overflow)) => {
-                            break Some(CloseReason { code: CloseCode::Size, description: Some(websocket.oversize_reason()) });
-                        }
-                        Some(Err(_)) if verdict.get().is_some() => {
-                            let violation = verdict.get().expect("checked in the guard");
-                            break Some(violation.close_reason(|| websocket.oversize_reason()));
-                        }
-                        Some(Err(error)) if is_invalid_utf8(&error) => {
-                            break Some(CloseReason { code: CloseCode::Invalid, description: Some("text message is not valid UTF-8".into()) });
-                        }
-                        Some(Err(error)) => {
-                            tracing::debug!(error = %error, "protocol error");
-                            break Some(CloseReason { code: CloseCode::Protocol, description: Some(crate::connection::close_reason_text(&error.to_string())) });
-                        }
-                        None => break None,
-                    };
-                    // Boxed: the per-message state machine (envelope, routing) then lives on the
-                    // heap only while a message is in flight, which keeps idle connections small.
-                    let reply = Box::pin(handle_frame(&self.pipeline, &self.context, &connection, &mut auth, acks.as_mut(), bytes, text_frame)).await;
-                    if let Some(device) = &auth.device {
-                        presence.bind(&self.pipeline, &registration, device, authenticates).await;
-                    }
-                    if send_frames(&mut session, reply.frames).await.is_err() {
-                        break None;
-                    }
-                    if let Some(rejection) = reply.close {
-                        tracing::info!(code = rejection.code.as_str(), "closing connection after repeated failures");
-                        break Some(CloseReason { code: CloseCode::Policy, description: Some(format!("too many rejected messages ({})", rejection.code.as_str())) });
                     }
                 }
-            }
-        };
-        // What the `$disconnected` event says: the peer's close frame when it sent one, else
-        // ours; neither when the connection was lost.
-        let (close_code, close_reason) = match peer_close.as_ref().or(close.as_ref()) {
-            Some(reason) => (Some(u16::from(reason.code)), reason.description.clone()),
-            None => (None, Some("the connection was lost".to_owned())),
-        };
-        end_connection(session, &mut stream, close, peer_closed, websocket).await;
-        counters.connections.dec();
-        presence
-            .end(&self.pipeline, &registration, close_code, close_reason)
+            };
+            // What the `$disconnected` event says: the peer's close frame when it sent one, else
+            // ours; neither when the connection was lost.
+            let (close_code, close_reason) = match peer_close.as_ref().or(close.as_ref()) {
+                Some(reason) => (Some(u16::from(reason.code)), reason.description.clone()),
+                None => (None, Some("the connection was lost".to_owned())),
+            };
+            Box::pin(end_connection(
+                session,
+                &mut stream,
+                close,
+                peer_closed,
+                websocket,
+            ))
             .await;
+            counters.connections.dec();
+            Box::pin(presence.end(&self.pipeline, &registration, close_code, close_reason)).await;
+            // The connection's place under the listener's caps is held until here (named, so the
+            // block captures it).
+            drop(permit);
+        }
     }
 
     /// A ping or pong from a device counts as contact (not as a message).

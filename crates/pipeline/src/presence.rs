@@ -209,6 +209,13 @@ impl ConnectionPresence {
         }
     }
 
+    /// Whether [`bind`](Self::bind) would do anything for `device`: false while the connection
+    /// is bound to it already, which is every message but the first of a device. Lets a caller
+    /// keep the (larger) `bind` future off its per-message path.
+    pub fn needs_binding(&self, device: &Arc<str>) -> bool {
+        self.hub_device.as_ref() != Some(device)
+    }
+
     /// Binds the connection to `device` in the hub and announces it when that is new (a
     /// connection that starts speaking for another device ends its presence for the first, up
     /// to [`MAX_ANNOUNCED_SWITCHES`] times). Cheap when nothing changed: one comparison.
@@ -219,7 +226,7 @@ impl ConnectionPresence {
         device: &Arc<str>,
         authenticated: bool,
     ) {
-        if self.hub_device.as_ref() == Some(device) {
+        if !self.needs_binding(device) {
             return;
         }
         registration.bind_device(device);
