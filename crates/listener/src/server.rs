@@ -411,9 +411,9 @@ impl ServerListener {
     ///
     /// Its future lives as long as the connection, so its size is memory held by every idle
     /// connection. Hence a plain fn returning an `async move` block (an `async fn` keeps a second
-    /// copy of every argument), and the awaits that happen once per connection (presence events,
-    /// the close) are boxed: the future is as large as its largest await, and those were the
-    /// largest.
+    /// copy of every argument), and the awaits that happen once per connection (the close here,
+    /// the presence events inside `ConnectionPresence`) are boxed: the future is as large as its
+    /// largest await, and those were the largest.
     #[expect(
         clippy::manual_async_fn,
         reason = "an async fn would keep a second copy of every argument in the future"
@@ -453,7 +453,9 @@ impl ServerListener {
             let authenticates = self.context.sentinel.is_some();
             let mut presence = ConnectionPresence::new(self.context.key.clone(), connection.peer);
             if let Some(device) = &auth.device {
-                Box::pin(presence.bind(&self.pipeline, &registration, device, authenticates)).await;
+                presence
+                    .bind(&self.pipeline, &registration, device, authenticates)
+                    .await;
             }
             // The peer's own close frame, for the `$disconnected` event.
             let mut peer_close: Option<CloseReason> = None;
@@ -623,10 +625,7 @@ impl ServerListener {
                         // heap only while a message is in flight, which keeps idle connections small.
                         let reply = Box::pin(handle_frame(&self.pipeline, &self.context, &connection, &mut auth, acks.as_deref_mut(), bytes, text_frame)).await;
                         if let Some(device) = &auth.device {
-                            // Only when the device changes (its first message): boxed, see above.
-                            if presence.needs_binding(device) {
-                                Box::pin(presence.bind(&self.pipeline, &registration, device, authenticates)).await;
-                            }
+                            presence.bind(&self.pipeline, &registration, device, authenticates).await;
                         }
                         if send_frames(&mut session, reply.frames).await.is_err() {
                             break None;
@@ -653,7 +652,9 @@ impl ServerListener {
             ))
             .await;
             counters.connections.dec();
-            Box::pin(presence.end(&self.pipeline, &registration, close_code, close_reason)).await;
+            presence
+                .end(&self.pipeline, &registration, close_code, close_reason)
+                .await;
             // The connection's place under the listener's caps is held until here (named, so the
             // block captures it).
             drop(permit);

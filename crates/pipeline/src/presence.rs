@@ -209,16 +209,12 @@ impl ConnectionPresence {
         }
     }
 
-    /// Whether [`bind`](Self::bind) would do anything for `device`: false while the connection
-    /// is bound to it already, which is every message but the first of a device. Lets a caller
-    /// keep the (larger) `bind` future off its per-message path.
-    pub fn needs_binding(&self, device: &Arc<str>) -> bool {
-        self.hub_device.as_ref() != Some(device)
-    }
-
     /// Binds the connection to `device` in the hub and announces it when that is new (a
     /// connection that starts speaking for another device ends its presence for the first, up
     /// to [`MAX_ANNOUNCED_SWITCHES`] times). Cheap when nothing changed: one comparison.
+    ///
+    /// Connection loops call this for every message and live as long as their connections: the
+    /// announcing part is boxed, so this future stays small in theirs.
     pub async fn bind(
         &mut self,
         pipeline: &Pipeline,
@@ -226,9 +222,19 @@ impl ConnectionPresence {
         device: &Arc<str>,
         authenticated: bool,
     ) {
-        if !self.needs_binding(device) {
+        if self.hub_device.as_ref() == Some(device) {
             return;
         }
+        Box::pin(self.rebind(pipeline, registration, device, authenticated)).await;
+    }
+
+    async fn rebind(
+        &mut self,
+        pipeline: &Pipeline,
+        registration: &Registration,
+        device: &Arc<str>,
+        authenticated: bool,
+    ) {
         registration.bind_device(device);
         self.hub_device = Some(device.clone());
         if self.bound.is_some() {
@@ -275,7 +281,9 @@ impl ConnectionPresence {
             );
             event.close_code = close_code;
             event.close_reason = close_reason;
-            pipeline.presence.announce(event).await;
+            // Boxed, like `bind`'s announcing: this future is part of every connection loop's,
+            // which lives as long as its connection, and this await would be its largest.
+            Box::pin(pipeline.presence.announce(event)).await;
         }
     }
 }
