@@ -646,8 +646,10 @@ impl Drop for PythonServer {
 }
 
 /// A client-mode listener `out` to `127.0.0.1:port/feed` with compression on (threshold 16),
-/// echo on, 1 MiB messages, routed to the websocket downstream `/stream/out`.
-async fn client_mode_setup(server: &TestServer, port: u16, compression: Value) {
+/// echo on, 1 MiB messages, routed to the websocket downstream `/stream/out`. Returns a
+/// subscriber to that downstream, connected before the listener exists: the remote may send
+/// the moment iotgate connects, and the live downstream does not replay what came before.
+async fn client_mode_setup(server: &TestServer, port: u16, compression: Value) -> Ws {
     server
         .create_ok(
             "downstreams",
@@ -657,6 +659,7 @@ async fn client_mode_setup(server: &TestServer, port: u16, compression: Value) {
     server
         .create_ok("routes", &route_def("all", &["out"]))
         .await;
+    let subscriber = server.subscribe("/stream/out").await;
     let def = json!({"key": "out", "name": "Out", "listenerType": "websocket", "mode": "client",
         "contentType": "json", "hostName": "127.0.0.1", "port": port, "path": "/feed",
         "echo": true, "maxMessageBytes": 1 << 20, "heartbeatSeconds": 0,
@@ -665,19 +668,19 @@ async fn client_mode_setup(server: &TestServer, port: u16, compression: Value) {
         "allowInsecureCredentials": true,
         "compression": compression});
     server.create_ok("listeners", &def).await;
+    subscriber
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_mode_compresses_both_ways_with_a_real_server() {
     let mut remote = PythonServer::start("echo");
     let server = TestServer::start().await;
-    client_mode_setup(
+    let mut sub = client_mode_setup(
         &server,
         remote.port,
         json!({"enabled": true, "threshold": 16}),
     )
     .await;
-    let mut sub = server.subscribe("/stream/out").await;
     let report = remote.report().await;
     // iotgate offered the extension, allowing the server to limit its window.
     assert_eq!(
