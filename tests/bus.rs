@@ -67,7 +67,6 @@ async fn a_subscriber_on_one_node_receives_every_nodes_messages_exactly_once() {
     let metrics = a.metrics().await;
     assert_eq!(metric_value(&metrics, "iotgate_bus_up", &[]), Some(1.0));
 
-    setup_store_pipeline(&a, 100).await;
     a.create_ok(
         "downstreams",
         &ws_downstream_def("live", "/live", "envelope"),
@@ -76,15 +75,11 @@ async fn a_subscriber_on_one_node_receives_every_nodes_messages_exactly_once() {
     a.create_ok("routes", &route_def("to-live", &["live"]))
         .await;
     let (key, _) = a.register_device("far", "thermo").await;
-    // The definitions and the device reach C (PostgreSQL notifications).
+    // The listener comes last; C applies changes in the order they were made (PostgreSQL
+    // notifications), so once it runs there, the routes and the device are there as well. (The
+    // API reads the database, so asking C for the device would not say its registry has it.)
+    setup_store_pipeline(&a, 100).await;
     c.wait_listener_state("devices", "running").await;
-    let cc = &c;
-    wait_for("the route and device on C", WAIT, || async move {
-        let route = cc.get("/api/v1/routes/to-live").await.status().is_success();
-        let device = cc.get("/api/v1/devices/far").await.status().is_success();
-        (route && device).then_some(())
-    })
-    .await;
 
     let mut live = a.subscribe("/live").await;
     let mut via_c = c.connect_device("/devices").await;
@@ -168,22 +163,15 @@ async fn a_message_sent_through_one_node_reaches_devices_on_every_node() {
                 "accessKey": {"from": "query", "name": "accessKey"}}),
     )
     .await;
-    a.create_ok("listeners", &listener_def("qry", "/q", "qsen"))
-        .await;
     let (far_key, _) = a.register_device("far", "thermo").await;
     let (near_key, _) = a.register_device("near", "thermo").await;
     let (later_key, _) = a.register_device("later", "thermo").await;
+    // The listener last: once it runs on C, C has applied the devices registered before it.
+    a.create_ok("listeners", &listener_def("qry", "/q", "qsen"))
+        .await;
     a.wait_listener_state("qry", "running").await;
     c.wait_listener_state("qry", "running").await;
     let cc = &c;
-    wait_for("the devices on C", WAIT, || async move {
-        cc.get("/api/v1/devices/later")
-            .await
-            .status()
-            .is_success()
-            .then_some(())
-    })
-    .await;
     // Both nodes see each other live.
     let aa = &a;
     wait_for("two live nodes", WAIT, || async move {

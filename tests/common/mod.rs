@@ -601,6 +601,16 @@ impl TestServer {
     }
 
     /// Registers a device; returns (primaryAccessKey, secondaryAccessKey).
+    /// Waits until the device API shows `id` online: its connection is then past its setup,
+    /// watching the registry (a change to the device closes it) and addressable.
+    pub async fn wait_device_online(&self, id: &str) {
+        let path = format!("/api/v1/devices/{id}");
+        wait_until(&format!("{id} online"), WAIT, || async {
+            self.get_ok(&path).await["online"] == true
+        })
+        .await;
+    }
+
     pub async fn register_device(&self, id: &str, device_type: &str) -> (String, String) {
         let b = self
             .create_ok(
@@ -1279,10 +1289,12 @@ pub async fn setup_store_pipeline(server: &TestServer, max_failures: u32) {
         .create_ok("sentinels", &sentinel_def("sen", max_failures))
         .await;
     server
-        .create_ok("listeners", &listener_def("devices", "/devices", "sen"))
-        .await;
-    server
         .create_ok("routes", &route_def("all", &["store"]))
+        .await;
+    // The listener last: other nodes apply changes in the order they were made, so once it runs
+    // on a node, everything before it is in place there too.
+    server
+        .create_ok("listeners", &listener_def("devices", "/devices", "sen"))
         .await;
     server.wait_listener_state("devices", "running").await;
 }
