@@ -576,8 +576,12 @@ async fn graceful_shutdown_answers_every_message_in_flight_before_1001() {
         )
         .await;
     }
-    // Let the listener read them; the webhook holds each for 800 ms.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Let the listener read them (on shutdown it answers what it read and reads no more); the
+    // webhook holds each for 800 ms.
+    wait_until("the five messages read", WAIT, || async {
+        server.listener_status("acks").await["messagesReceived"] == 5
+    })
+    .await;
     let stopping = {
         let pid = server.pid();
         std::process::Command::new("kill")

@@ -51,7 +51,7 @@ async fn registry_changes_close_live_connections_within_a_second() {
 
     // Bound at connect time and idle: disabling the device closes it.
     let mut a = server.connect_device(&connect("dev-a", &key_a)).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.wait_device_online("dev-a").await;
     let started = Instant::now();
     let r = server
         .patch("/api/v1/devices/dev-a", &json!({"enabled": false}))
@@ -87,7 +87,7 @@ async fn registry_changes_close_live_connections_within_a_second() {
 
     // Deleting the device closes its connection.
     let mut c = server.connect_device(&connect("dev-c", &key_c)).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.wait_device_online("dev-c").await;
     let r = server.delete("/api/v1/devices/dev-c").await;
     assert_eq!(r.status(), 204);
     assert_eq!(
@@ -99,7 +99,7 @@ async fn registry_changes_close_live_connections_within_a_second() {
     let (key_d, _) = server.register_device("dev-d", "meter").await;
     let mut d = server.connect_device(&connect("dev-d", &key_d)).await;
     let mut other = server.connect_device("/in-body").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.wait_device_online("dev-d").await;
     let mut disabled = query_sentinel();
     disabled["enabled"] = json!(false);
     server.update_ok("sentinels", &disabled).await;
@@ -229,6 +229,10 @@ async fn an_unauthenticated_flood_cannot_fill_the_disk_through_dead_letters() {
                         tokio::time::timeout(Duration::from_millis(1), ws.next()).await
                     {}
                 }
+                // Close and read to the end: dropping a socket with unread refusals in it would
+                // reset the connection, and the server would lose the frames it had not read yet.
+                let _ = ws.close(None).await;
+                while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, ws.next()).await {}
             })
         })
         .collect();

@@ -244,7 +244,7 @@ async fn refused_tokens_get_401_with_their_code_before_the_upgrade() {
         .unwrap()
         .to_owned();
     let mut live = connect_with(&server, &off).await.expect("enabled connects");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.wait_device_online("dev-off").await;
     let r = server
         .patch("/api/v1/devices/dev-off", &json!({"enabled": false}))
         .await;
@@ -299,29 +299,31 @@ async fn rotation_keeps_the_old_secret_for_the_grace_period_only() {
         server
             .post(
                 "/api/v1/sentinels/issued/token-secret/rotate",
-                &json!({"graceSeconds": 3}),
+                &json!({"graceSeconds": 5}),
             )
             .await,
     )
     .await;
+    let rotated = std::time::Instant::now();
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["graceSeconds"], 3);
+    // First, while the grace period has barely begun.
+    connect_with(&server, &old)
+        .await
+        .expect("the old token works during the grace period");
+    assert_eq!(body["graceSeconds"], 5);
     let audit = server
         .get_ok("/api/v1/audit?action=sentinel.token_secret_rotate")
         .await;
-    assert_eq!(audit["items"][0]["details"]["graceSeconds"], 3, "{audit}");
+    assert_eq!(audit["items"][0]["details"]["graceSeconds"], 5, "{audit}");
     let new = issue(&server, "dev-1", json!({})).await["token"]
         .as_str()
         .unwrap()
         .to_owned();
     assert_ne!(old, new);
-    connect_with(&server, &old)
-        .await
-        .expect("the old token works during the grace period");
     connect_with(&server, &new)
         .await
         .expect("the new token works");
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    tokio::time::sleep(Duration::from_millis(5500).saturating_sub(rotated.elapsed())).await;
     expect_token_refused(&server, &old, "token_signature").await;
     connect_with(&server, &new)
         .await

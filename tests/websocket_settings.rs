@@ -716,18 +716,23 @@ async fn client_mode_honours_auto_ping_open_handshake_and_frame_cap() {
                 remote.port,
                 json!({"authTimeoutSeconds": 0, "maxMessageBytes": 65536, "websocket": {"autoPingIntervalSeconds": 1,
                        "autoPingTimeoutSeconds": 1, "autoPingSize": 5, "maxFrameBytes": 1024,
-                       "closeHandshakeTimeoutMs": 5000}}),
+                       "closeHandshakeTimeoutMs": 15000}}),
             ),
         )
         .await;
     let mut deaf = remote.next_accept().await;
     // Unread, the remote answers no ping: the first goes out after 1 s, iotgate closes 1 s
-    // later and then waits up to closeHandshakeTimeoutMs (5 s) for the answer. Reading now
-    // sees the frames and answers the close, which lets iotgate connect again.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // later and then waits up to closeHandshakeTimeoutMs (15 s) for the answer. Reading now
+    // sees the frames and answers the close, which lets iotgate connect again. Reading earlier
+    // would answer the ping (tungstenite pongs as it reads) and no close would ever come, so the
+    // wait leaves a slow machine 4 s of margin, and the read has a deadline instead of hanging.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut frames = Vec::new();
     loop {
-        match tokio::time::timeout(WAIT, deaf.next()).await {
+        match tokio::time::timeout_at(give_up.min(tokio::time::Instant::now() + WAIT), deaf.next())
+            .await
+        {
             Ok(Some(Ok(message))) => {
                 let close = matches!(message, Message::Close(_));
                 frames.push(message);
