@@ -36,6 +36,7 @@ use crate::deflate::client_stream::{CompressingStream, InflateFailure};
 use crate::frame_guard::Violation;
 use crate::server::CONNECTION_IDS;
 use crate::status::{ListenerState, ListenerStatus};
+use crate::timers::{ConnectionTimers, Due};
 
 const BACKOFF_START: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -362,34 +363,15 @@ impl ClientListener {
             .authenticate_connection(&self.context, &Default::default())
             .unwrap_or_default();
         let websocket = &self.websocket;
-        let ping_interval = websocket.auto_ping_interval;
-        let mut ticker = tokio::time::interval(if ping_interval.is_zero() {
-            Duration::from_secs(3600)
-        } else {
-            ping_interval
-        });
-        ticker.tick().await;
         let ping_payload = bytes::Bytes::from(websocket.ping_payload());
-        // Armed when a ping goes out with none outstanding; any frame from the server disarms it.
-        let mut awaiting_answer = false;
-        let ping_deadline = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(ping_deadline);
-        // Checked lazily: when it fires, the deadline moves to the last data frame plus the
-        // timeout, unless that has passed.
-        let idle_timeout = websocket.idle_timeout;
-        let mut last_data = tokio::time::Instant::now();
-        let idle_check = crate::connection::sleep_unless_zero(idle_timeout);
-        tokio::pin!(idle_check);
-        // Behind a sentinel, the remote must send one authenticated message within the
-        // deadline, as a device connection must.
+        // Pings and their answers, the idle timeout and, behind a sentinel, the deadline for the
+        // remote's first authenticated message (as for a device connection), on one timer.
         let auth_limit = Duration::from_secs(u64::from(self.definition.auth_timeout_seconds));
-        let auth_deadline_applies = self.context.sentinel.is_some() && !auth_limit.is_zero();
-        let auth_deadline = crate::connection::sleep_unless_zero(if auth_deadline_applies {
-            auth_limit
-        } else {
-            Duration::ZERO
-        });
-        tokio::pin!(auth_deadline);
+        let authenticate_within =
+            (self.context.sentinel.is_some() && !auth_limit.is_zero()).then_some(auth_limit);
+        let mut timers = ConnectionTimers::new(websocket, authenticate_within, None);
+        let timer = timers.sleep();
+        tokio::pin!(timer);
         // A remote speaks for many devices: a registry change does not close it, but a
         // disabled sentinel does (the listener then reconnects and is refused until it is back).
         let closer = SessionCloser::new();
@@ -438,11 +420,28 @@ impl ClientListener {
                         return SessionEnd::Dropped(format!("send failed: {error}"));
                     }
                 }
-                _ = &mut auth_deadline, if auth_deadline_applies && !auth.authenticated => {
-                    let reason = format!("no authenticated message within {} s", auth_limit.as_secs());
-                    close_first(&mut sink, &mut stream, CloseCode::Policy, &reason, close_timeout).await;
-                    return SessionEnd::Refused(format!("{reason} (authTimeoutSeconds)"));
-                }
+                due = timers.next(timer.as_mut(), auth.authenticated) => match due {
+                    Due::Unauthenticated => {
+                        let reason = format!("no authenticated message within {} s", auth_limit.as_secs());
+                        close_first(&mut sink, &mut stream, CloseCode::Policy, &reason, close_timeout).await;
+                        return SessionEnd::Refused(format!("{reason} (authTimeoutSeconds)"));
+                    }
+                    Due::PingUnanswered => {
+                        close_first(&mut sink, &mut stream, CloseCode::Away, "heartbeat timeout", close_timeout).await;
+                        return SessionEnd::Dropped(format!("the server did not answer a ping within {} s", websocket.auto_ping_timeout.as_secs()));
+                    }
+                    Due::Idle => {
+                        close_first(&mut sink, &mut stream, CloseCode::Normal, "idle timeout", close_timeout).await;
+                        return SessionEnd::Dropped(format!("no data from the server within {} s (idleTimeoutSeconds)", websocket.idle_timeout.as_secs()));
+                    }
+                    Due::Ping => {
+                        if let Err(error) = sink.send(Message::Ping(ping_payload.clone())).await {
+                            return SessionEnd::Dropped(format!("ping failed: {error}"));
+                        }
+                    }
+                    // A client listener's connection has no token of its own.
+                    Due::TokenExpired => unreachable!("client connections are given no token expiry"),
+                },
                 Some(downlink) = downlinks.recv() => {
                         let frame = match downlink.plain_frame(self.context.content_type) {
                         iotgate_pipeline::PlainFrame::Text(text) => Message::Text(text.into()),
@@ -452,31 +451,10 @@ impl ClientListener {
                         return SessionEnd::Dropped(format!("send failed: {error}"));
                     }
                 }
-                _ = &mut ping_deadline, if awaiting_answer => {
-                    close_first(&mut sink, &mut stream, CloseCode::Away, "heartbeat timeout", close_timeout).await;
-                    return SessionEnd::Dropped(format!("the server did not answer a ping within {} s", websocket.auto_ping_timeout.as_secs()));
-                }
-                _ = &mut idle_check, if !idle_timeout.is_zero() => {
-                    let deadline = last_data + idle_timeout;
-                    if tokio::time::Instant::now() >= deadline {
-                        close_first(&mut sink, &mut stream, CloseCode::Normal, "idle timeout", close_timeout).await;
-                        return SessionEnd::Dropped(format!("no data from the server within {} s (idleTimeoutSeconds)", idle_timeout.as_secs()));
-                    }
-                    idle_check.as_mut().reset(deadline);
-                }
-                _ = ticker.tick(), if !ping_interval.is_zero() => {
-                    if !awaiting_answer {
-                        awaiting_answer = true;
-                        ping_deadline.as_mut().reset(tokio::time::Instant::now() + websocket.auto_ping_timeout);
-                    }
-                    if let Err(error) = sink.send(Message::Ping(ping_payload.clone())).await {
-                        return SessionEnd::Dropped(format!("ping failed: {error}"));
-                    }
-                }
                 message = stream.next(), if may_read => {
-                    awaiting_answer = false;
-                    if matches!(message, Some(Ok(Message::Text(_) | Message::Binary(_)))) && !idle_timeout.is_zero() {
-                        last_data = tokio::time::Instant::now();
+                    timers.frame_received();
+                    if matches!(message, Some(Ok(Message::Text(_) | Message::Binary(_)))) {
+                        timers.data_received();
                     }
                     let (bytes, text_frame) = match message {
                         Some(Ok(Message::Text(text))) => {

@@ -30,16 +30,6 @@ pub(crate) fn close_reason_text(text: &str) -> String {
     format!("{}...", &text[..cut])
 }
 
-/// A timer for a limit that 0 turns off: `limit` from now, or (for 0) one that never fires in
-/// the life of a connection.
-pub(crate) fn sleep_unless_zero(limit: std::time::Duration) -> tokio::time::Sleep {
-    tokio::time::sleep(if limit.is_zero() {
-        std::time::Duration::from_secs(86_400 * 366)
-    } else {
-        limit
-    })
-}
-
 /// One device connection's fixed facts.
 pub(crate) struct Connection {
     pub id: u64,

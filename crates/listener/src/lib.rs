@@ -22,6 +22,7 @@ pub mod proxy_protocol;
 pub mod server;
 pub mod status;
 pub mod subscriber;
+mod timers;
 pub mod webpubsub;
 
 pub use attempts::AttemptLimiter;

@@ -24,6 +24,7 @@ use crate::basic_auth::{BasicCredentialVerifier, BasicOutcome};
 use crate::connection::{handle_frame, Connection};
 use crate::limits::{ConnectionLimits, ConnectionPermit, Refusal};
 use crate::status::{ListenerState, ListenerStatus};
+use crate::timers::{ConnectionTimers, Due};
 use crate::webpubsub::protocol::Dialect;
 use crate::webpubsub::session::{ResumeRefusal, Session as WebPubSubSession};
 use crate::webpubsub::Attach;
@@ -461,40 +462,18 @@ impl ServerListener {
             let mut peer_close: Option<CloseReason> = None;
 
             let websocket = &self.websocket;
-            let ping_interval = websocket.auto_ping_interval;
-            let mut ticker = tokio::time::interval(if ping_interval.is_zero() {
-                Duration::from_secs(3600)
-            } else {
-                ping_interval
-            });
-            ticker.tick().await;
             let ping_payload = websocket.ping_payload();
-            // Armed when a ping goes out with none outstanding; any frame from the peer disarms it,
-            // so a busy connection costs no timer work per message.
-            let mut awaiting_answer = false;
-            let ping_deadline = tokio::time::sleep(Duration::ZERO);
-            tokio::pin!(ping_deadline);
-            // Checked lazily: when it fires, the deadline moves to the last data frame plus the
-            // timeout, unless that has passed.
-            let idle_timeout = websocket.idle_timeout;
-            let mut last_data = tokio::time::Instant::now();
-            let idle_check = crate::connection::sleep_unless_zero(idle_timeout);
-            tokio::pin!(idle_check);
             let mut peer_closed = false;
-            // Behind a sentinel, a connection must authenticate one message within the deadline.
+            // Pings and their answers, the idle timeout, the deadline to authenticate a message
+            // (behind a sentinel) and the token's expiry (a connection opened with a token ends
+            // with it), all on one timer.
             let auth_limit = Duration::from_secs(u64::from(self.definition.auth_timeout_seconds));
-            let auth_deadline_applies = self.context.sentinel.is_some() && !auth_limit.is_zero();
-            let auth_deadline = crate::connection::sleep_unless_zero(if auth_deadline_applies {
-                auth_limit
-            } else {
-                Duration::ZERO
-            });
-            tokio::pin!(auth_deadline);
-            // A connection opened with a token ends when the token expires.
-            let token_expiry = token_time_left(&auth);
-            let token_expired =
-                tokio::time::sleep(token_expiry.unwrap_or(Duration::from_secs(86_400 * 366)));
-            tokio::pin!(token_expired);
+            let authenticate_within =
+                (self.context.sentinel.is_some() && !auth_limit.is_zero()).then_some(auth_limit);
+            let mut timers =
+                ConnectionTimers::new(websocket, authenticate_within, token_time_left(&auth));
+            let timer = timers.sleep();
+            tokio::pin!(timer);
             let (mut acks, mut late_answers) = match AckTracker::new(
                 &self.definition,
                 counters.clone(),
@@ -538,44 +517,38 @@ impl ServerListener {
                             break None;
                         }
                     }
-                    _ = &mut token_expired, if token_expiry.is_some() => {
-                        tracing::info!("the connection token expired");
-                        break Some(CloseReason { code: CloseCode::Policy, description: Some(RejectionCode::TokenExpired.as_str().into()) });
-                    }
-                    _ = &mut auth_deadline, if auth_deadline_applies && !auth.authenticated => {
-                        tracing::info!("no authenticated message within the deadline");
-                        break Some(CloseReason { code: CloseCode::Policy, description: Some(format!("no authenticated message within {} s", auth_limit.as_secs())) });
-                    }
+                    due = timers.next(timer.as_mut(), auth.authenticated) => match due {
+                        Due::TokenExpired => {
+                            tracing::info!("the connection token expired");
+                            break Some(CloseReason { code: CloseCode::Policy, description: Some(RejectionCode::TokenExpired.as_str().into()) });
+                        }
+                        Due::Unauthenticated => {
+                            tracing::info!("no authenticated message within the deadline");
+                            break Some(CloseReason { code: CloseCode::Policy, description: Some(format!("no authenticated message within {} s", auth_limit.as_secs())) });
+                        }
+                        Due::PingUnanswered => {
+                            tracing::debug!(timeout = ?websocket.auto_ping_timeout, "peer did not answer a ping in time");
+                            break Some(CloseReason { code: CloseCode::Away, description: Some("heartbeat timeout".into()) });
+                        }
+                        Due::Idle => {
+                            tracing::debug!(timeout = ?websocket.idle_timeout, "no data frame within the idle timeout");
+                            break Some(CloseReason { code: CloseCode::Normal, description: Some("idle timeout".into()) });
+                        }
+                        Due::Ping => {
+                            if session.ping(&ping_payload).await.is_err() {
+                                break None;
+                            }
+                        }
+                    },
                     Some(downlink) = downlinks.recv() => {
                         if send_downlink(&mut session, &downlink, self.context.content_type).await.is_err() {
                             break None;
                         }
                     }
-                    _ = &mut ping_deadline, if awaiting_answer => {
-                        tracing::debug!(timeout = ?websocket.auto_ping_timeout, "peer did not answer a ping in time");
-                        break Some(CloseReason { code: CloseCode::Away, description: Some("heartbeat timeout".into()) });
-                    }
-                    _ = &mut idle_check, if !idle_timeout.is_zero() => {
-                        let deadline = last_data + idle_timeout;
-                        if tokio::time::Instant::now() >= deadline {
-                            tracing::debug!(timeout = ?idle_timeout, "no data frame within the idle timeout");
-                            break Some(CloseReason { code: CloseCode::Normal, description: Some("idle timeout".into()) });
-                        }
-                        idle_check.as_mut().reset(deadline);
-                    }
-                    _ = ticker.tick(), if !ping_interval.is_zero() => {
-                        if !awaiting_answer {
-                            awaiting_answer = true;
-                            ping_deadline.as_mut().reset(tokio::time::Instant::now() + websocket.auto_ping_timeout);
-                        }
-                        if session.ping(&ping_payload).await.is_err() {
-                            break None;
-                        }
-                    }
                     message = stream.recv(), if may_read => {
-                        awaiting_answer = false;
-                        if matches!(message, Some(Ok(AggregatedMessage::Text(_) | AggregatedMessage::Binary(_)))) && !idle_timeout.is_zero() {
-                            last_data = tokio::time::Instant::now();
+                        timers.frame_received();
+                        if matches!(message, Some(Ok(AggregatedMessage::Text(_) | AggregatedMessage::Binary(_)))) {
+                            timers.data_received();
                         }
                         let (bytes, text_frame) = match message {
                             Some(Ok(AggregatedMessage::Text(text))) => {
