@@ -205,6 +205,9 @@ pub(crate) async fn serve(
                 }
                 message = stream.recv(), if waiting.len() < max_in_flight => {
                     last_seen = Instant::now();
+                    // `ingest` and `handle` are boxed where they are awaited: their state (about
+                    // 2.5 KB) then lives on the heap only while a message is in flight, and an
+                    // idle connection's future stays small, as in the device loop.
                     let frames = match message {
                         Some(Ok(AggregatedMessage::Text(text))) => {
                             match dialect {
@@ -216,7 +219,7 @@ pub(crate) async fn serve(
                                         Payload::Json(_) => ContentType::Json,
                                         _ => ContentType::Text,
                                     };
-                                    let result = ingest(&listener, &connection, &mut auth, "message", payload, content_type, text.len(), None, None).await;
+                                    let result = Box::pin(ingest(&listener, &connection, &mut auth, "message", payload, content_type, text.len(), None, None)).await;
                                     if let Err(IngestError::Rejected { rejection, close: true }) = result {
                                         break rejected_close(&rejection);
                                     }
@@ -224,7 +227,7 @@ pub(crate) async fn serve(
                                 }
                                 _ => match ClientFrame::parse(&text) {
                                     Ok(frame) => {
-                                        match handle(&listener, &connection, &mut auth, &mut session, &request, &mut waiting, frame).await {
+                                        match Box::pin(handle(&listener, &connection, &mut auth, &mut session, &request, &mut waiting, frame)).await {
                                             Ok(frames) => frames,
                                             Err(end) => break end,
                                         }
@@ -238,7 +241,7 @@ pub(crate) async fn serve(
                                 break closed(CloseCode::Unsupported, "the JSON Web PubSub protocols take text frames only");
                             }
                             let size = bytes.len();
-                            let result = ingest(&listener, &connection, &mut auth, "message", Payload::Binary(bytes), ContentType::Binary, size, None, None).await;
+                            let result = Box::pin(ingest(&listener, &connection, &mut auth, "message", Payload::Binary(bytes), ContentType::Binary, size, None, None)).await;
                             if let Err(IngestError::Rejected { rejection, close: true }) = result {
                                 break rejected_close(&rejection);
                             }
@@ -310,8 +313,7 @@ pub(crate) async fn serve(
         }
         End::Dropped => {
             store.forget(session.connection_id());
-            session
-                .finish(pipeline, None, Some("the connection was lost".to_owned()))
+            Box::pin(session.finish(pipeline, None, Some("the connection was lost".to_owned())))
                 .await;
         }
         End::Closed { reason, tell } => {
@@ -322,7 +324,7 @@ pub(crate) async fn serve(
             let code = reason.as_ref().map(|r| u16::from(r.code));
             let description = reason.as_ref().and_then(|r| r.description.clone());
             let _ = socket.close(reason).await;
-            session.finish(pipeline, code, description).await;
+            Box::pin(session.finish(pipeline, code, description)).await;
         }
     }
     counters.connections.dec();
