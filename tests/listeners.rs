@@ -875,10 +875,6 @@ async fn argon2_runs_once_per_distinct_credential() {
     let elapsed = started.elapsed();
     eprintln!("{total} Basic-authenticated upgrades took {elapsed:?}");
     assert_eq!(ok, total, "failures: {failures:?}");
-    assert!(
-        elapsed < Duration::from_secs(3),
-        "{total} upgrades with one credential took {elapsed:?}: Argon2 is not run once per distinct credential"
-    );
     // For scale: the cost of verifications that cannot be cached (distinct wrong passwords).
     let started = std::time::Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -896,7 +892,16 @@ async fn argon2_runs_once_per_distinct_credential() {
     while let Some(r) = tasks.join_next().await {
         assert_eq!(r.expect("connect task"), Some(401));
     }
-    eprintln!("10 distinct wrong credentials took {:?}", started.elapsed());
+    let ten_verifications = started.elapsed();
+    eprintln!("10 distinct wrong credentials took {ten_verifications:?}");
+    // Run per connection, Argon2 would cost the 200 upgrades at least 100 verifications' time on
+    // two cores; the bound is half of that, measured on this machine now (a fixed bound either
+    // fails a slow machine or, on a fast one, passes 200 verifications: about 1.2 s here).
+    let bound = ten_verifications * 5;
+    assert!(
+        elapsed < bound,
+        "{total} upgrades with one credential took {elapsed:?} (bound {bound:?}): Argon2 is not run once per distinct credential"
+    );
     // A wrong password is still refused (a cached success is not reused for it).
     expect_refused(
         server
