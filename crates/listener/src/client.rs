@@ -36,7 +36,7 @@ use crate::deflate::client_stream::{CompressingStream, InflateFailure};
 use crate::frame_guard::Violation;
 use crate::server::CONNECTION_IDS;
 use crate::status::{ListenerState, ListenerStatus};
-use crate::timers::{ConnectionTimers, Due};
+use crate::timers::{authentication_limit, ConnectionTimers, Due};
 
 const BACKOFF_START: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -366,10 +366,11 @@ impl ClientListener {
         let ping_payload = bytes::Bytes::from(websocket.ping_payload());
         // Pings and their answers, the idle timeout and, behind a sentinel, the deadline for the
         // remote's first authenticated message (as for a device connection), on one timer.
-        let auth_limit = Duration::from_secs(u64::from(self.definition.auth_timeout_seconds));
-        let authenticate_within =
-            (self.context.sentinel.is_some() && !auth_limit.is_zero()).then_some(auth_limit);
-        let mut timers = ConnectionTimers::new(websocket, authenticate_within, None);
+        let mut timers = ConnectionTimers::new(
+            websocket,
+            authentication_limit(&self.definition, self.context.sentinel.is_some()),
+            None,
+        );
         let timer = timers.sleep();
         tokio::pin!(timer);
         // A remote speaks for many devices: a registry change does not close it, but a
@@ -421,8 +422,8 @@ impl ClientListener {
                     }
                 }
                 due = timers.next(timer.as_mut(), auth.authenticated) => match due {
-                    Due::Unauthenticated => {
-                        let reason = format!("no authenticated message within {} s", auth_limit.as_secs());
+                    Due::Unauthenticated { within } => {
+                        let reason = format!("no authenticated message within {} s", within.as_secs());
                         close_first(&mut sink, &mut stream, CloseCode::Policy, &reason, close_timeout).await;
                         return SessionEnd::Refused(format!("{reason} (authTimeoutSeconds)"));
                     }

@@ -24,7 +24,7 @@ use crate::basic_auth::{BasicCredentialVerifier, BasicOutcome};
 use crate::connection::{handle_frame, Connection};
 use crate::limits::{ConnectionLimits, ConnectionPermit, Refusal};
 use crate::status::{ListenerState, ListenerStatus};
-use crate::timers::{ConnectionTimers, Due};
+use crate::timers::{authentication_limit, ConnectionTimers, Due};
 use crate::webpubsub::protocol::Dialect;
 use crate::webpubsub::session::{ResumeRefusal, Session as WebPubSubSession};
 use crate::webpubsub::Attach;
@@ -467,11 +467,11 @@ impl ServerListener {
             // Pings and their answers, the idle timeout, the deadline to authenticate a message
             // (behind a sentinel) and the token's expiry (a connection opened with a token ends
             // with it), all on one timer.
-            let auth_limit = Duration::from_secs(u64::from(self.definition.auth_timeout_seconds));
-            let authenticate_within =
-                (self.context.sentinel.is_some() && !auth_limit.is_zero()).then_some(auth_limit);
-            let mut timers =
-                ConnectionTimers::new(websocket, authenticate_within, token_time_left(&auth));
+            let mut timers = ConnectionTimers::new(
+                websocket,
+                authentication_limit(&self.definition, self.context.sentinel.is_some()),
+                token_time_left(&auth),
+            );
             let timer = timers.sleep();
             tokio::pin!(timer);
             let (mut acks, mut late_answers) = match AckTracker::new(
@@ -522,9 +522,9 @@ impl ServerListener {
                             tracing::info!("the connection token expired");
                             break Some(CloseReason { code: CloseCode::Policy, description: Some(RejectionCode::TokenExpired.as_str().into()) });
                         }
-                        Due::Unauthenticated => {
+                        Due::Unauthenticated { within } => {
                             tracing::info!("no authenticated message within the deadline");
-                            break Some(CloseReason { code: CloseCode::Policy, description: Some(format!("no authenticated message within {} s", auth_limit.as_secs())) });
+                            break Some(CloseReason { code: CloseCode::Policy, description: Some(format!("no authenticated message within {} s", within.as_secs())) });
                         }
                         Due::PingUnanswered => {
                             tracing::debug!(timeout = ?websocket.auto_ping_timeout, "peer did not answer a ping in time");

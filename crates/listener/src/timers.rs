@@ -10,6 +10,7 @@
 
 use std::time::Duration;
 
+use iotgate_core::definition::ListenerDefinition;
 use iotgate_core::websocket_settings::EffectiveWebSocketSettings;
 use tokio::time::{Instant, Sleep};
 
@@ -18,14 +19,24 @@ use tokio::time::{Instant, Sleep};
 pub(crate) enum Due {
     /// The connection's token expired.
     TokenExpired,
-    /// No authenticated message within the deadline.
-    Unauthenticated,
+    /// No authenticated message within the deadline (`within` after the connection opened).
+    Unauthenticated { within: Duration },
     /// The peer did not answer a ping within `autoPingTimeoutSeconds`.
     PingUnanswered,
     /// No data frame within `idleTimeoutSeconds`.
     Idle,
     /// Time to send a ping.
     Ping,
+}
+
+/// How long a connection of `definition`'s listener has to send its first authenticated message:
+/// `authTimeoutSeconds` (0 turns it off) when a sentinel authenticates its messages, else no limit.
+pub(crate) fn authentication_limit(
+    definition: &ListenerDefinition,
+    behind_sentinel: bool,
+) -> Option<Duration> {
+    let limit = Duration::from_secs(u64::from(definition.auth_timeout_seconds));
+    (behind_sentinel && !limit.is_zero()).then_some(limit)
 }
 
 /// The deadlines of one connection (see the module documentation).
@@ -41,6 +52,7 @@ pub(crate) struct ConnectionTimers {
     last_data: Instant,
     /// Set until the deadline passes; whether the connection authenticated is asked then.
     authenticate_by: Option<Instant>,
+    authenticate_within: Duration,
     token_expires: Option<Instant>,
 }
 
@@ -62,6 +74,7 @@ impl ConnectionTimers {
             answer_by: None,
             last_data: now,
             authenticate_by: authenticate_within.map(|limit| now + limit),
+            authenticate_within: authenticate_within.unwrap_or_default(),
             token_expires: token_left.map(|left| now + left),
         }
     }
@@ -104,7 +117,9 @@ impl ConnectionTimers {
         if self.authenticate_by.is_some_and(|at| now >= at) {
             self.authenticate_by = None;
             if !authenticated {
-                return Some(Due::Unauthenticated);
+                return Some(Due::Unauthenticated {
+                    within: self.authenticate_within,
+                });
             }
         }
         if self.answer_by.is_some_and(|at| now >= at) {
@@ -224,7 +239,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_auth_deadline_only_closes_an_unauthenticated_connection() {
         let mut clock = Clock::new(settings(0, 0, 0), Some(2), None);
-        assert_eq!(clock.next(false).await, (Due::Unauthenticated, 2_000));
+        assert_eq!(
+            clock.next(false).await,
+            (
+                Due::Unauthenticated {
+                    within: Duration::from_secs(2)
+                },
+                2_000
+            )
+        );
         // Authenticated by then: nothing until the token expires.
         let mut clock = Clock::new(settings(0, 0, 0), Some(2), Some(7));
         assert_eq!(clock.next(true).await, (Due::TokenExpired, 7_000));
