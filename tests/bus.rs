@@ -171,7 +171,6 @@ async fn a_message_sent_through_one_node_reaches_devices_on_every_node() {
         .await;
     a.wait_listener_state("qry", "running").await;
     c.wait_listener_state("qry", "running").await;
-    let cc = &c;
     // Both nodes see each other live.
     let aa = &a;
     wait_for("two live nodes", WAIT, || async move {
@@ -184,16 +183,8 @@ async fn a_message_sent_through_one_node_reaches_devices_on_every_node() {
         |device: &str, key: &str| format!("/q?deviceId={device}&accessKey={}", url_encode(key));
     let mut far = c.connect_device(&query("far", &far_key)).await;
     let mut near = a.connect_device(&query("near", &near_key)).await;
-    wait_for("far online on C", WAIT, || async move {
-        let device = cc.get_ok("/api/v1/devices/far").await;
-        (device["online"] == true).then_some(())
-    })
-    .await;
-    wait_for("near online on A", WAIT, || async move {
-        let device = aa.get_ok("/api/v1/devices/near").await;
-        (device["online"] == true).then_some(())
-    })
-    .await;
+    c.wait_device_online("far", true).await;
+    a.wait_device_online("near", true).await;
 
     // Presence is the platform's: A shows far's connection on C, and lists both as online.
     let seen_from_a = a.get_ok("/api/v1/devices/far").await;

@@ -51,7 +51,7 @@ async fn registry_changes_close_live_connections_within_a_second() {
 
     // Bound at connect time and idle: disabling the device closes it.
     let mut a = server.connect_device(&connect("dev-a", &key_a)).await;
-    server.wait_device_online("dev-a").await;
+    server.wait_device_online("dev-a", true).await;
     let started = Instant::now();
     let r = server
         .patch("/api/v1/devices/dev-a", &json!({"enabled": false}))
@@ -87,7 +87,7 @@ async fn registry_changes_close_live_connections_within_a_second() {
 
     // Deleting the device closes its connection.
     let mut c = server.connect_device(&connect("dev-c", &key_c)).await;
-    server.wait_device_online("dev-c").await;
+    server.wait_device_online("dev-c", true).await;
     let r = server.delete("/api/v1/devices/dev-c").await;
     assert_eq!(r.status(), 204);
     assert_eq!(
@@ -99,7 +99,7 @@ async fn registry_changes_close_live_connections_within_a_second() {
     let (key_d, _) = server.register_device("dev-d", "meter").await;
     let mut d = server.connect_device(&connect("dev-d", &key_d)).await;
     let mut other = server.connect_device("/in-body").await;
-    server.wait_device_online("dev-d").await;
+    server.wait_device_online("dev-d", true).await;
     let mut disabled = query_sentinel();
     disabled["enabled"] = json!(false);
     server.update_ok("sentinels", &disabled).await;

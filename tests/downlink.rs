@@ -70,19 +70,6 @@ async fn send_json_message(
     send(server, path, "application/json", body.to_string()).await
 }
 
-/// Waits until the device resource says `online` is `want`; returns the resource.
-async fn wait_online(server: &TestServer, device: &str, want: bool) -> Value {
-    wait_for(
-        &format!("device {device} online={want}"),
-        WAIT,
-        || async move {
-            let resource = server.get_ok(&format!("/api/v1/devices/{device}")).await;
-            (resource["online"] == want).then_some(resource)
-        },
-    )
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connected_device_receives_json_text_and_bytes_and_shows_online() {
     let server = TestServer::start().await;
@@ -96,7 +83,7 @@ async fn a_connected_device_receives_json_text_and_bytes_and_shows_online() {
     assert_eq!(body["error"]["code"], "device_offline", "{body}");
 
     let mut device = connect_bound(&server, "d1", &key).await;
-    let resource = wait_online(&server, "d1", true).await;
+    let resource = server.wait_device_online("d1", true).await;
     let connections = resource["connections"].as_array().unwrap();
     assert_eq!(connections.len(), 1, "{resource}");
     assert_eq!(connections[0]["listener"], "qry");
@@ -230,7 +217,7 @@ async fn a_connected_device_receives_json_text_and_bytes_and_shows_online() {
     expect_silence(&mut device, Duration::from_millis(300)).await;
 
     drop(device);
-    wait_online(&server, "d1", false).await;
+    server.wait_device_online("d1", false).await;
     let metrics = server.metrics().await;
     assert_eq!(
         metric_value(&metrics, "iotgate_downlink_delivered_total", &[]),
@@ -254,7 +241,7 @@ async fn a_connection_with_body_credentials_is_addressable_after_its_first_messa
     );
 
     send_json(&mut device, &device_msg("b1", &key, json!({"t": 20}))).await;
-    wait_online(&server, "b1", true).await;
+    server.wait_device_online("b1", true).await;
     let (status, body) =
         send_json_message(&server, "/api/v1/devices/b1/messages", &json!({"hello": 2})).await;
     assert_eq!(
@@ -371,8 +358,8 @@ async fn a_listener_broadcast_reaches_every_connection_and_a_group_only_its_memb
     let mut one = connect_bound(&server, "l1", &k1).await;
     let mut two = connect_bound(&server, "l2", &k2).await;
     let mut elsewhere = server.connect_device("/devices").await;
-    wait_online(&server, "l1", true).await;
-    wait_online(&server, "l2", true).await;
+    server.wait_device_online("l1", true).await;
+    server.wait_device_online("l2", true).await;
 
     let (status, body) = send_json_message(
         &server,
@@ -502,7 +489,7 @@ async fn presence_events_are_routed_stored_and_listed_in_order() {
         .await;
     let (key, _) = server.register_device("p1", "thermo").await;
     let mut device = connect_bound(&server, "p1", &key).await;
-    wait_online(&server, "p1", true).await;
+    server.wait_device_online("p1", true).await;
     device
         .send(Message::Close(Some(CloseFrame {
             code: CloseCode::Normal,
@@ -511,7 +498,7 @@ async fn presence_events_are_routed_stored_and_listed_in_order() {
         .await
         .unwrap();
     let _ = expect_close(&mut device, WAIT).await;
-    wait_online(&server, "p1", false).await;
+    server.wait_device_online("p1", false).await;
 
     let stored = server.wait_telemetry("p1", 2).await;
     assert_eq!(stored.len(), 2, "{stored:?}");
@@ -567,7 +554,7 @@ async fn a_ping_counts_as_contact_but_not_as_a_message() {
     setup(&server).await;
     let (key, _) = server.register_device("pinger", "thermo").await;
     let mut device = connect_bound(&server, "pinger", &key).await;
-    wait_online(&server, "pinger", true).await;
+    server.wait_device_online("pinger", true).await;
     let before = server.get_ok("/api/v1/devices/pinger").await;
     assert!(before["lastContact"].is_null(), "{before}");
     device.send(Message::Ping(vec![1u8].into())).await.unwrap();

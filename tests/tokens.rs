@@ -244,7 +244,7 @@ async fn refused_tokens_get_401_with_their_code_before_the_upgrade() {
         .unwrap()
         .to_owned();
     let mut live = connect_with(&server, &off).await.expect("enabled connects");
-    server.wait_device_online("dev-off").await;
+    server.wait_device_online("dev-off", true).await;
     let r = server
         .patch("/api/v1/devices/dev-off", &json!({"enabled": false}))
         .await;

@@ -601,14 +601,16 @@ impl TestServer {
     }
 
     /// Registers a device; returns (primaryAccessKey, secondaryAccessKey).
-    /// Waits until the device API shows `id` online: its connection is then past its setup,
-    /// watching the registry (a change to the device closes it) and addressable.
-    pub async fn wait_device_online(&self, id: &str) {
+    /// Waits until the device API shows `id` online (or offline, with `want` false) and returns
+    /// the device. Online, a connection is past its setup: it watches the registry (a change to
+    /// the device closes it) and is addressable.
+    pub async fn wait_device_online(&self, id: &str, want: bool) -> Value {
         let path = format!("/api/v1/devices/{id}");
-        wait_until(&format!("{id} online"), WAIT, || async {
-            self.get_ok(&path).await["online"] == true
+        wait_for(&format!("device {id} online={want}"), WAIT, || async {
+            let resource = self.get_ok(&path).await;
+            (resource["online"] == want).then_some(resource)
         })
-        .await;
+        .await
     }
 
     pub async fn register_device(&self, id: &str, device_type: &str) -> (String, String) {
